@@ -1,0 +1,69 @@
+# dramaturg — every command a user or CI needs. `make demo` and `make test` set up what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+UV        := $(VENV)/bin/uv
+DRAMATURG := $(VENV)/bin/dramaturg
+EXTRAS    ?= all,dev
+DEB_PKGS  := espeak-ng sox libsox-fmt-all ffmpeg libsndfile1 prometheus
+STAMP     := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
+comma     := ,
+export DRAMATURG_HOME ?= $(CURDIR)/.dramaturg
+
+.PHONY: help setup debs proto test test-slow test-gpu lint demo up down bench \
+        train-diarization train-speaker train-tts train-audiollm train-evaluator clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: debs $(STAMP)  ## create .venv, install Debian packages and the project
+
+debs:  ## install the Debian packages the synthetic corpus and audio decoding need (when missing)
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(UV) || $(PY) -m pip install -q uv
+	$(UV) pip install --python $(PY) -q -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+proto: $(STAMP)  ## regenerate the Python stubs from proto/
+	$(PY) -m dramaturg.shared.protogen
+
+test: setup  ## the CI suite: unit + in-process integration, no GPU, well under 20 min on 2 cores
+	$(VENV)/bin/pytest -q
+
+test-slow: setup  ## learning checks and long-file checks
+	$(VENV)/bin/pytest -q -m slow
+
+test-gpu: setup  ## checks that need a CUDA device
+	$(VENV)/bin/pytest -q -m gpu
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check shared services tests bench
+
+demo: setup  ## start the embedded stack on CPU, run a real multi-stage job through the gateway
+	$(DRAMATURG) demo
+
+up: setup  ## gateway + every built service as local processes (Ctrl-C stops them)
+	$(DRAMATURG) up
+
+down:  ## stop a stack started with `dramaturg up --detach`
+	-$(DRAMATURG) down
+
+bench: setup  ## side-by-side performance ratios (see bench/README.md)
+	$(PY) -m bench
+
+train-diarization train-speaker train-tts train-audiollm train-evaluator: setup  ## fine-tune one service
+	$(DRAMATURG) train $(@:train-%=%) $(if $(CONFIG),--config $(CONFIG),)
+
+clean:  ## remove the venv and local state
+	rm -rf $(VENV) .dramaturg
