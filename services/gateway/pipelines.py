@@ -1,0 +1,185 @@
+"""Jobs as graphs of stages: what a pipeline is, and the pipelines the gateway offers.
+
+A stage is an async function of a :class:`StageContext` that returns a JSON-able dict (its output,
+persisted with the job). Stages run when everything they depend on succeeded, independent stages run
+concurrently, and each stage has its own deadline and retry budget. Stages that call a model service
+do so over gRPC through ``ctx.channel(service)``.
+
+Built so far: ``probe`` (decode → loudness ∥ activity → summary), whose stages run in the gateway
+itself. The model services' stages (diarize, identify, transcribe, score, re-voice) join as those
+services land (README: status).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from dramaturg.common.v1 import common_pb2
+from dramaturg.shared import audio as audio_io
+from dramaturg.shared.grpc.errors import invalid_argument
+
+GATEWAY = "gateway"
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees."""
+
+    job_id: str
+    params: dict[str, Any]
+    work_dir: Path
+    inputs: dict[str, dict[str, Any]]  # outputs of the stages it depends on, by stage name
+    audio: common_pb2.AudioInput
+    deadline: float  # absolute time.monotonic() by which this attempt must finish
+    channel: Callable[[str], grpc.aio.Channel]
+    report: Callable[[float, str], Awaitable[None]]  # (fraction 0–1, message) → progress event
+
+
+StageFn = Callable[[StageContext], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    run: StageFn
+    service: str = GATEWAY
+    depends_on: tuple[str, ...] = ()
+    timeout_seconds: float = 120.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    description: str
+    stages: tuple[StageSpec, ...]
+    result: Callable[[dict[str, dict[str, Any]]], dict[str, Any]]
+    params: dict[str, type] = field(default_factory=dict)  # accepted params and their types
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline {self.name}: duplicate stage names")
+        seen: set[str] = set()
+        for stage in self.stages:  # stages are listed in a topological order
+            missing = set(stage.depends_on) - seen
+            if missing:
+                raise ValueError(f"pipeline {self.name}: stage {stage.name} depends on later/unknown {missing}")
+            seen.add(stage.name)
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+    def validate_params(self, params: dict[str, Any]) -> None:
+        for key, value in params.items():
+            if key not in self.params:
+                known = ", ".join(sorted(self.params)) or "none"
+                raise invalid_argument(f"params.{key}", f"unknown parameter for pipeline {self.name!r}; known: {known}")
+            expected = self.params[key]
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int | float))
+            if not ok:
+                raise invalid_argument(f"params.{key}", f"expected {expected.__name__}, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# probe: decode and measure audio, all inside the gateway.
+
+SAMPLE_RATE = 16_000
+FRAME_SECONDS = 0.02
+
+
+def _load(ctx: StageContext) -> audio_io.Audio:
+    return audio_io.load_path(ctx.work_dir / "audio.wav")
+
+
+async def decode_stage(ctx: StageContext) -> dict[str, Any]:
+    """Decode whatever the client sent, validate it and keep a 16 kHz mono copy for later stages."""
+    limits = audio_io.AudioLimits(max_seconds=float(ctx.params.get("max_seconds", 3 * 3600)))
+    decoded = audio_io.decode_audio_input(ctx.audio, target_rate=SAMPLE_RATE, limits=limits, field="audio")
+    (ctx.work_dir / "audio.wav").write_bytes(audio_io.encode_wav(decoded))
+    await ctx.report(1.0, f"decoded {decoded.duration:.2f}s")
+    return {"duration_seconds": round(decoded.duration, 4), "sample_rate_hz": SAMPLE_RATE,
+            "samples": int(decoded.samples.shape[-1])}
+
+
+def _frame_db(samples: np.ndarray, frame: int) -> np.ndarray:
+    n = len(samples) // frame
+    frames = samples[: n * frame].reshape(n, frame).astype(np.float64)
+    rms = np.sqrt(np.mean(frames**2, axis=1) + 1e-12)
+    return 20 * np.log10(rms)
+
+
+async def loudness_stage(ctx: StageContext) -> dict[str, Any]:
+    """Level statistics a mixing engineer checks first: RMS, peak, loudness range and clipping."""
+    audio = _load(ctx)
+    x = audio.samples
+    db = _frame_db(x, int(0.4 * SAMPLE_RATE)) if len(x) >= int(0.4 * SAMPLE_RATE) else np.array([-120.0])
+    audible = db[db > -70]
+    lra = float(np.percentile(audible, 95) - np.percentile(audible, 10)) if len(audible) > 2 else 0.0
+    rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    peak = float(np.max(np.abs(x))) if len(x) else 0.0
+    await ctx.report(1.0, "measured loudness")
+    return {
+        "rms_dbfs": round(20 * math.log10(max(rms, 1e-9)), 2),
+        "peak_dbfs": round(20 * math.log10(max(peak, 1e-9)), 2),
+        "loudness_range_db": round(lra, 2),
+        "clipped_ratio": round(float(np.mean(np.abs(x) >= 0.999)), 6),
+    }
+
+
+async def activity_stage(ctx: StageContext) -> dict[str, Any]:
+    """Energy-based speech activity: where there is something to diarize, transcribe and score."""
+    audio = _load(ctx)
+    frame = int(FRAME_SECONDS * SAMPLE_RATE)
+    db = _frame_db(audio.samples, frame)
+    if not len(db):
+        return {"speech_seconds": 0.0, "speech_ratio": 0.0, "segments": []}
+    floor = float(np.percentile(db, 10))
+    threshold = max(floor + float(ctx.params.get("vad_margin_db", 12.0)), -60.0)
+    active = db > threshold
+    segments: list[list[float]] = []
+    start = None
+    min_gap = int(0.3 / FRAME_SECONDS)
+    gap = 0
+    for i, on in enumerate(active):
+        if on:
+            start = i if start is None else start
+            gap = 0
+        elif start is not None:
+            gap += 1
+            if gap > min_gap:
+                segments.append([start * FRAME_SECONDS, (i - gap + 1) * FRAME_SECONDS])
+                start, gap = None, 0
+    if start is not None:
+        segments.append([start * FRAME_SECONDS, (len(active) - gap) * FRAME_SECONDS])
+    segments = [[round(a, 3), round(b, 3)] for a, b in segments if b - a >= 0.1]
+    speech = sum(b - a for a, b in segments)
+    await ctx.report(1.0, f"{len(segments)} speech segments")
+    return {"speech_seconds": round(speech, 3), "speech_ratio": round(speech / max(audio.duration, 1e-9), 4),
+            "threshold_dbfs": round(threshold, 2), "segments": segments}
+
+
+def _probe_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**outputs["decode"], **outputs["loudness"], **outputs["activity"]}
+
+
+PROBE = PipelineSpec(
+    name="probe",
+    description="Decode and measure audio in the gateway: duration, loudness, speech activity.",
+    stages=(
+        StageSpec("decode", decode_stage, timeout_seconds=120),
+        StageSpec("loudness", loudness_stage, depends_on=("decode",), timeout_seconds=120),
+        StageSpec("activity", activity_stage, depends_on=("decode",), timeout_seconds=120),
+    ),
+    result=_probe_result,
+    params={"max_seconds": float, "vad_margin_db": float},
+)
+
+PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in (PROBE,)}

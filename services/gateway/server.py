@@ -1,0 +1,100 @@
+"""The gateway: a gRPC front door that runs multi-stage jobs across the model services."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from dramaturg.services.gateway.auth import BearerTokenInterceptor, resolve_token
+from dramaturg.services.gateway.config import GatewaySettings
+from dramaturg.services.gateway.engine import JobEngine
+from dramaturg.services.gateway.pipelines import PIPELINES, PipelineSpec
+from dramaturg.services.gateway.store import open_store
+from dramaturg.shared.config import dramaturg_home
+from dramaturg.shared.grpc.client import ChannelPool
+from dramaturg.shared.grpc.server import Registration
+from dramaturg.shared.service import Service
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+
+    async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext):
+        return await self.engine.submit(request)
+
+    async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext):
+        return self.engine.get(request.job_id)
+
+    async def WatchJob(self, request: gateway_pb2.WatchJobRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.JobEvent]:
+        async for event in self.engine.watch(request.job_id, request.after_sequence):
+            yield event
+
+    async def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.aio.ServicerContext):
+        return await self.engine.cancel(request.job_id)
+
+    async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext):
+        return self.engine.list(request)
+
+    async def ListPipelines(self, request: gateway_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext):
+        return gateway_pb2.ListPipelinesResponse(pipelines=[
+            gateway_pb2.Pipeline(
+                name=p.name, description=p.description,
+                stages=[gateway_pb2.Stage(name=s.name, service=s.service, depends_on=list(s.depends_on))
+                        for s in p.stages],
+            )
+            for p in self.engine.pipelines.values()
+        ])
+
+
+class GatewayService(Service):
+    name = "gateway"
+
+    def __init__(self, settings: GatewaySettings, home: Path | None = None,
+                 pipelines: dict[str, PipelineSpec] | None = None) -> None:
+        self.settings = settings
+        self.home = home or dramaturg_home()
+        token = resolve_token(settings.api_token, self.home)
+        if not token:
+            raise RuntimeError(
+                "the gateway needs an API token: set DRAMATURG_API_TOKEN, api_token in the config, or "
+                "create $DRAMATURG_HOME/api-token (`dramaturg up` generates one)"
+            )
+        self.token = token
+        url = settings.job_store or f"sqlite:///{self.home / 'gateway' / 'jobs.db'}"
+        self.store = open_store(url)
+        self.channels = ChannelPool(settings.services)
+        self.engine = JobEngine(
+            self.store, self.home / "gateway" / "jobs", pipelines or PIPELINES, self.channels,
+            max_running=settings.max_running_jobs, max_pending=settings.max_pending_jobs,
+            retry_base_seconds=settings.retry_base_seconds,
+        )
+
+    def registrations(self) -> list[Registration]:
+        return [Registration(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+                             gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(self.engine))]
+
+    def interceptors(self) -> list:
+        return [BearerTokenInterceptor(self.token)]
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+        await self.channels.close()
+        self.store.close()
+
+
+def create_service(settings: GatewaySettings | None = None) -> GatewayService:
+    return GatewayService(settings or GatewaySettings())
+
+
+SETTINGS = GatewaySettings

@@ -1,0 +1,209 @@
+"""``dramaturg up`` / ``down``: the embedded default stack — every built service as a local process.
+
+Model services start first; the gateway starts once they are SERVING, with their endpoints in a
+generated config. Everything binds to loopback, state lives under ``$DRAMATURG_HOME`` (SQLite job
+store, local model store, logs), and ``stack.json`` records what runs where so ``down``, ``job`` and
+``demo`` find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dramaturg.shared.config import dramaturg_home
+from dramaturg.shared.grpc.client import wait_for_serving
+from dramaturg.shared.service import model_services
+
+
+@dataclass
+class StackProcess:
+    service: str
+    pid: int
+    port: int
+    metrics_port: int
+    log: str
+
+
+@dataclass
+class Stack:
+    home: str
+    token_file: str
+    processes: list[StackProcess] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> str:
+        return next(f"127.0.0.1:{p.port}" for p in self.processes if p.service == "gateway")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Stack:
+        data = json.loads(path.read_text())
+        return cls(home=data["home"], token_file=data["token_file"],
+                   processes=[StackProcess(**p) for p in data["processes"]])
+
+
+def stack_file(home: Path) -> Path:
+    return home / "stack.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _spawn(service: str, port: int, metrics_port: int, config: Path | None, logs: Path,
+           env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{service}.log"
+    cmd = [sys.executable, "-m", "dramaturg.shared.cli.main", "serve", service,
+           "--port", str(port), "--metrics-port", str(metrics_port)]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, log_path
+
+
+def start_stack(home: Path, *, gateway_port: int | None = None, timeout: float = 300.0,
+                say=print) -> tuple[Stack, list[subprocess.Popen]]:
+    """Start every built service and the gateway; return once all report SERVING."""
+    from dramaturg.services.gateway.auth import ensure_token_file
+
+    existing = stack_file(home)
+    if existing.exists():
+        old = Stack.load(existing)
+        if any(_alive(p.pid) for p in old.processes):
+            raise RuntimeError(f"a stack is already running (see {existing}); run `dramaturg down` first")
+    token, token_path = ensure_token_file(home)
+    env = dict(os.environ, DRAMATURG_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.pop("DRAMATURG_API_TOKEN", None)  # the gateway reads the token file the stack just wrote
+    stack = Stack(home=str(home), token_file=str(token_path))
+    procs: list[subprocess.Popen] = []
+    endpoints: dict[str, str] = {}
+    logs = home / "logs"
+    try:
+        for service in model_services():
+            port, mport = free_port(), free_port()
+            proc, log_path = _spawn(service, port, mport, None, logs, env)
+            procs.append(proc)
+            stack.processes.append(StackProcess(service, proc.pid, port, mport, str(log_path)))
+            endpoints[service] = f"127.0.0.1:{port}"
+        for p in stack.processes:
+            say(f"waiting for {p.service} on 127.0.0.1:{p.port} …")
+            if not wait_for_serving(f"127.0.0.1:{p.port}", timeout=timeout):
+                raise RuntimeError(f"{p.service} did not become SERVING in {timeout:.0f}s; see {p.log}")
+        config = home / "stack" / "gateway.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump({"services": endpoints}))
+        port, mport = gateway_port or free_port(), free_port()
+        proc, log_path = _spawn("gateway", port, mport, config, logs, env)
+        procs.append(proc)
+        stack.processes.append(StackProcess("gateway", proc.pid, port, mport, str(log_path)))
+        if not wait_for_serving(f"127.0.0.1:{port}", timeout=timeout):
+            raise RuntimeError(f"the gateway did not become SERVING in {timeout:.0f}s; see {log_path}")
+    except BaseException:
+        stop_processes([p.pid for p in stack.processes])
+        raise
+    stack.save(stack_file(home))
+    return stack, procs
+
+
+def stop_processes(pids: list[int], grace: float = 15.0) -> None:
+    """SIGTERM (the services drain), then SIGKILL whatever is left after ``grace`` seconds."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def stop_stack(home: Path) -> bool:
+    path = stack_file(home)
+    if not path.exists():
+        return False
+    stack = Stack.load(path)
+    stop_processes([p.pid for p in reversed(stack.processes)])
+    path.unlink()
+    return True
+
+
+def describe(stack: Stack) -> str:
+    lines = [f"{'service':<12} {'gRPC':<18} {'metrics':<28} log"]
+    for p in stack.processes:
+        lines.append(f"{p.service:<12} 127.0.0.1:{p.port:<8} http://127.0.0.1:{p.metrics_port}/metrics  {p.log}")
+    lines.append(f"API token: {stack.token_file} (export DRAMATURG_API_TOKEN=$(cat {stack.token_file}))")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the gateway and every built service locally (embedded default)")
+    p.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
+    p.add_argument("--detach", action="store_true", help="return once everything is SERVING")
+    p.set_defaults(func=run_up)
+    d = sub.add_parser("down", help="stop a stack started with `dramaturg up --detach`")
+    d.set_defaults(func=run_down)
+    from dramaturg.shared.cli import demo
+
+    demo.register(sub)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    home = dramaturg_home()
+    stack, procs = start_stack(home, gateway_port=args.port or None)
+    print(describe(stack))
+    if args.detach:
+        return 0
+    print("stack is up; Ctrl-C stops it")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = [p for p, proc in zip(stack.processes, procs, strict=True) if proc.poll() is not None]
+        print(f"{', '.join(d.service for d in dead)} exited; stopping the stack", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_stack(home)
+
+
+def run_down(args: argparse.Namespace) -> int:
+    if stop_stack(dramaturg_home()):
+        print("stack stopped")
+    else:
+        print("no stack is running")
+    return 0
