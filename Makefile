@@ -7,9 +7,9 @@ PY        := $(VENV)/bin/python
 UV        := $(VENV)/bin/uv
 DRAMATURG := $(VENV)/bin/dramaturg
 EXTRAS    ?= all,dev
-DEB_PKGS  := espeak-ng sox libsox-fmt-all ffmpeg libsndfile1 prometheus
-STAMP     := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
+DEB_PKGS  := espeak-ng sox libsox-fmt-all ffmpeg libsndfile1
 comma     := ,
+STAMP     := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 export DRAMATURG_HOME ?= $(CURDIR)/.dramaturg
 
 .PHONY: help setup debs proto test test-slow test-gpu lint demo up down bench \
@@ -38,7 +38,8 @@ proto: $(STAMP)  ## regenerate the Python stubs from proto/
 	$(PY) -m dramaturg.shared.protogen
 
 test: setup  ## the CI suite: unit + in-process integration, no GPU, well under 20 min on 2 cores
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q --durations=10
 
 test-slow: setup  ## learning checks and long-file checks
 	$(VENV)/bin/pytest -q -m slow
