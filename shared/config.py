@@ -57,9 +57,9 @@ def _env_overrides(prefix: str) -> dict[str, Any]:
     """``DRAMATURG_SERVER__PORT=9000`` → ``{"server": {"port": "9000"}}`` (pydantic coerces types)."""
     out: dict[str, Any] = {}
     for key, value in os.environ.items():
-        if not key.startswith(prefix) or "__" not in key[len(prefix):]:
+        if not key.startswith(prefix) or "__" not in key[len(prefix) :]:
             continue
-        path = key[len(prefix):].lower().split("__")
+        path = key[len(prefix) :].lower().split("__")
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -77,8 +77,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(cls: type[T], path: str | Path | None = None, *, env_prefix: str = "DRAMATURG_",
-                  overrides: dict[str, Any] | None = None) -> T:
+def load_settings(
+    cls: type[T],
+    path: str | Path | None = None,
+    *,
+    env_prefix: str = "DRAMATURG_",
+    overrides: dict[str, Any] | None = None,
+) -> T:
     """Defaults ← YAML file ← environment ← explicit overrides (e.g. CLI flags)."""
     data: dict[str, Any] = {}
     if path:

@@ -31,7 +31,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         payload = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
@@ -44,7 +45,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(service: str, level: str | None = None, fmt: str | None = None) -> None:
-    """Set up the root logger once per process: text for people, JSON (DRAMATURG_LOG_FORMAT=json) for machines."""
+    """Set up the root logger once per process: text for people, JSON for machines.
+
+    ``DRAMATURG_LOG_FORMAT=json`` selects JSON; ``DRAMATURG_LOG_LEVEL`` the level.
+    """
     level = (level or os.environ.get("DRAMATURG_LOG_LEVEL", "INFO")).upper()
     fmt = fmt or os.environ.get("DRAMATURG_LOG_FORMAT", "text")
     handler = logging.StreamHandler(sys.stderr)

@@ -24,12 +24,15 @@ _RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
 GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _RPC_LABELS)
 GRPC_HANDLED = Counter(
-    "grpc_server_handled_total", "RPCs completed on the server, regardless of success or failure.",
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
     (*_RPC_LABELS, "grpc_code"),
 )
 GRPC_HANDLING_SECONDS = Histogram(
-    "grpc_server_handling_seconds", "Time from RPC start to its last response, in seconds.",
-    _RPC_LABELS, buckets=_LATENCY_BUCKETS,
+    "grpc_server_handling_seconds",
+    "Time from RPC start to its last response, in seconds.",
+    _RPC_LABELS,
+    buckets=_LATENCY_BUCKETS,
 )
 GRPC_MSG_RECEIVED = Counter("grpc_server_msg_received_total", "Stream messages received.", _RPC_LABELS)
 GRPC_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent.", _RPC_LABELS)
@@ -37,25 +40,36 @@ GRPC_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent.", _
 QUEUE_DEPTH = Gauge("dramaturg_queue_depth", "Requests waiting in a service queue.", ("service", "queue"))
 QUEUE_CAPACITY = Gauge("dramaturg_queue_capacity", "Bound of a service queue.", ("service", "queue"))
 BATCH_SIZE = Histogram(
-    "dramaturg_batch_size", "Items per dispatched batch.", ("service", "queue"),
+    "dramaturg_batch_size",
+    "Items per dispatched batch.",
+    ("service", "queue"),
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 BATCH_SECONDS = Histogram(
-    "dramaturg_batch_seconds", "Model time per dispatched batch, in seconds.", ("service", "queue"),
+    "dramaturg_batch_seconds",
+    "Model time per dispatched batch, in seconds.",
+    ("service", "queue"),
     buckets=_LATENCY_BUCKETS,
 )
 AUDIO_SECONDS = Counter(
-    "dramaturg_audio_seconds_total", "Seconds of audio processed.", ("service", "method"),
+    "dramaturg_audio_seconds_total",
+    "Seconds of audio processed.",
+    ("service", "method"),
 )
 REAL_TIME_FACTOR = Histogram(
-    "dramaturg_real_time_factor", "Processing time divided by audio duration (lower is faster).",
-    ("service", "method"), buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+    "dramaturg_real_time_factor",
+    "Processing time divided by audio duration (lower is faster).",
+    ("service", "method"),
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
 MODEL_LOADED = Gauge(
-    "dramaturg_model_loaded", "1 while a model version is loaded.", ("service", "model", "version"),
+    "dramaturg_model_loaded",
+    "1 while a model version is loaded.",
+    ("service", "model", "version"),
 )
-SERVICE_READY = Gauge("dramaturg_service_ready", "1 once the service's model is loaded and it serves.",
-                      ("service",))
+SERVICE_READY = Gauge(
+    "dramaturg_service_ready", "1 once the service's model is loaded and it serves.", ("service",)
+)
 
 
 def observe_audio(service: str, method: str, audio_seconds: float, processing_seconds: float) -> None:

@@ -66,16 +66,17 @@ class Service(abc.ABC):
         """Extra server interceptors (the gateway adds authentication)."""
         return []
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Load models, open stores. Runs after the port is bound, before health says SERVING."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`start` acquired. Runs after the server drained."""
 
 
 @contextlib.asynccontextmanager
-async def serving(service: Service, settings: ServerSettings,
-                  on_bound: Callable[[GrpcServer], None] | None = None) -> AsyncIterator[GrpcServer]:
+async def serving(
+    service: Service, settings: ServerSettings, on_bound: Callable[[GrpcServer], None] | None = None
+) -> AsyncIterator[GrpcServer]:
     """Run ``service`` until the block exits; yields the started server once its model is loaded.
 
     ``on_bound`` is called after the port is bound and before the model loads (health: NOT_SERVING).

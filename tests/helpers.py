@@ -16,8 +16,9 @@ from dramaturg.shared.service import Service, serving
 
 
 class ServerThread:
-    def __init__(self, service: Service, settings: ServerSettings | None = None,
-                 wait_ready: bool = True) -> None:
+    def __init__(
+        self, service: Service, settings: ServerSettings | None = None, wait_ready: bool = True
+    ) -> None:
         self.service = service
         self.settings = settings or ServerSettings(port=0, drain_notice_seconds=0.0, drain_grace_seconds=2.0)
         self.wait_ready = wait_ready

@@ -10,10 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import tone_wav
-from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ServerThread
-
 from dramaturg.common.v1 import common_pb2
 from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -24,14 +20,18 @@ from dramaturg.shared.grpc import errors
 from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.service import Service
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ServerThread
 
 TOKEN = "test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def gateway(home: Path, pipelines: dict | None = None, **settings) -> GatewayService:
-    return GatewayService(GatewaySettings(api_token=TOKEN, retry_base_seconds=0.05, **settings), home=home,
-                          pipelines=pipelines)
+    return GatewayService(
+        GatewaySettings(api_token=TOKEN, retry_base_seconds=0.05, **settings), home=home, pipelines=pipelines
+    )
 
 
 def wav_input(**kw) -> common_pb2.AudioInput:
@@ -51,9 +51,14 @@ def wait_done(stub, job_id: str, timeout: float = 60) -> gateway_pb2.Job:
 def test_probe_job_runs_end_to_end_and_streams_progress(dramaturg_home: Path) -> None:
     with ServerThread(gateway(dramaturg_home)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input(seconds=3.0)),
-                             metadata=AUTH, timeout=10)
-        events = list(stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=60))
+        job = stub.SubmitJob(
+            gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input(seconds=3.0)),
+            metadata=AUTH,
+            timeout=10,
+        )
+        events = list(
+            stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=60)
+        )
         final = events[-1].job
         assert final.state == gateway_pb2.SUCCEEDED, final.error
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
@@ -65,8 +70,13 @@ def test_probe_job_runs_end_to_end_and_streams_progress(dramaturg_home: Path) ->
         assert result["speech_ratio"] == pytest.approx(0.6, abs=0.08)
         assert len(result["segments"]) == 3
         # a watch resumed after a sequence number only replays what came after
-        tail = list(stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job.job_id, after_sequence=events[-3].sequence),
-                                  metadata=AUTH, timeout=10))
+        tail = list(
+            stub.WatchJob(
+                gateway_pb2.WatchJobRequest(job_id=job.job_id, after_sequence=events[-3].sequence),
+                metadata=AUTH,
+                timeout=10,
+            )
+        )
         assert [e.sequence for e in tail] == [events[-2].sequence, events[-1].sequence]
         listed = stub.ListJobs(gateway_pb2.ListJobsRequest(), metadata=AUTH, timeout=5)
         assert [j.job_id for j in listed.jobs] == [job.job_id]
@@ -101,8 +111,13 @@ def test_bad_requests_get_actionable_errors(dramaturg_home: Path) -> None:
         cases = [
             (gateway_pb2.SubmitJobRequest(pipeline="nope", audio=wav_input()), "pipeline", "probe"),
             (gateway_pb2.SubmitJobRequest(pipeline="probe"), "audio", "audio.content"),
-            (gateway_pb2.SubmitJobRequest(pipeline="probe", audio=common_pb2.AudioInput(content=b"not audio")),
-             "audio", ""),
+            (
+                gateway_pb2.SubmitJobRequest(
+                    pipeline="probe", audio=common_pb2.AudioInput(content=b"not audio")
+                ),
+                "audio",
+                "",
+            ),
         ]
         for request, field_path, hint in cases:
             with pytest.raises(grpc.RpcError) as bad:
@@ -127,18 +142,31 @@ def test_bad_requests_get_actionable_errors(dramaturg_home: Path) -> None:
 def test_request_id_makes_submit_idempotent_and_lists_page(dramaturg_home: Path) -> None:
     with ServerThread(gateway(dramaturg_home)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        first = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input(), request_id="k1"),
-                               metadata=AUTH, timeout=10)
-        again = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input(), request_id="k1"),
-                               metadata=AUTH, timeout=10)
+        first = stub.SubmitJob(
+            gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input(), request_id="k1"),
+            metadata=AUTH,
+            timeout=10,
+        )
+        again = stub.SubmitJob(
+            gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input(), request_id="k1"),
+            metadata=AUTH,
+            timeout=10,
+        )
         assert again.job_id == first.job_id
         ids = {first.job_id}
-        for i in range(4):
-            ids.add(stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input()),
-                                   metadata=AUTH, timeout=10).job_id)
+        for _ in range(4):
+            ids.add(
+                stub.SubmitJob(
+                    gateway_pb2.SubmitJobRequest(pipeline="probe", audio=wav_input()),
+                    metadata=AUTH,
+                    timeout=10,
+                ).job_id
+            )
         seen, token = [], ""
         while True:
-            page = stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=2, page_token=token), metadata=AUTH, timeout=5)
+            page = stub.ListJobs(
+                gateway_pb2.ListJobsRequest(page_size=2, page_token=token), metadata=AUTH, timeout=5
+            )
             seen += [j.job_id for j in page.jobs]
             token = page.next_page_token
             if not token:
@@ -147,6 +175,7 @@ def test_request_id_makes_submit_idempotent_and_lists_page(dramaturg_home: Path)
 
 
 # -- custom pipelines: slow stages, restarts, remote calls --------------------------------------------
+
 
 class Gate:
     """Counts stage runs and can hold a stage until released."""
@@ -168,9 +197,12 @@ class Gate:
 
 def slow_pipeline(gate: Gate) -> dict[str, PipelineSpec]:
     spec = PipelineSpec(
-        name="slow", description="first fast, second waits for the test",
-        stages=(StageSpec("first", gate.stage("first")),
-                StageSpec("second", gate.stage("second", block=True), depends_on=("first",))),
+        name="slow",
+        description="first fast, second waits for the test",
+        stages=(
+            StageSpec("first", gate.stage("first")),
+            StageSpec("second", gate.stage("second", block=True), depends_on=("first",)),
+        ),
         result=lambda outputs: {"done": sorted(outputs)},
     )
     return {**PIPELINES, "slow": spec}
@@ -178,16 +210,22 @@ def slow_pipeline(gate: Gate) -> dict[str, PipelineSpec]:
 
 def test_cancel_stops_a_running_job(dramaturg_home: Path) -> None:
     gate = Gate()
-    with ServerThread(gateway(dramaturg_home, slow_pipeline(gate))) as srv, \
-            grpc.insecure_channel(srv.target) as channel:
+    with (
+        ServerThread(gateway(dramaturg_home, slow_pipeline(gate))) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="slow", audio=wav_input()), metadata=AUTH, timeout=10)
+        job = stub.SubmitJob(
+            gateway_pb2.SubmitJobRequest(pipeline="slow", audio=wav_input()), metadata=AUTH, timeout=10
+        )
         while gate.calls.get("second") != 1:
             time.sleep(0.02)
         cancelled = stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=job.job_id), metadata=AUTH, timeout=10)
         assert cancelled.state == gateway_pb2.CANCELLED
         assert {s.name: s.state for s in cancelled.stages} == {
-            "first": gateway_pb2.STAGE_SUCCEEDED, "second": gateway_pb2.STAGE_CANCELLED}
+            "first": gateway_pb2.STAGE_SUCCEEDED,
+            "second": gateway_pb2.STAGE_CANCELLED,
+        }
         with pytest.raises(grpc.RpcError) as again:
             stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=job.job_id), metadata=AUTH, timeout=10)
         assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -195,16 +233,22 @@ def test_cancel_stops_a_running_job(dramaturg_home: Path) -> None:
 
 def test_a_gateway_stopped_mid_job_resumes_it_on_start(dramaturg_home: Path) -> None:
     gate = Gate()
-    with ServerThread(gateway(dramaturg_home, slow_pipeline(gate))) as srv, \
-            grpc.insecure_channel(srv.target) as channel:
+    with (
+        ServerThread(gateway(dramaturg_home, slow_pipeline(gate))) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="slow", audio=wav_input()), metadata=AUTH, timeout=10)
+        job = stub.SubmitJob(
+            gateway_pb2.SubmitJobRequest(pipeline="slow", audio=wav_input()), metadata=AUTH, timeout=10
+        )
         while gate.calls.get("second") != 1:
             time.sleep(0.02)
     # the first gateway is gone with the job RUNNING in its store
     gate.release.set()
-    with ServerThread(gateway(dramaturg_home, slow_pipeline(gate))) as srv, \
-            grpc.insecure_channel(srv.target) as channel:
+    with (
+        ServerThread(gateway(dramaturg_home, slow_pipeline(gate))) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
         final = wait_done(gateway_pb2_grpc.GatewayStub(channel), job.job_id)
     assert final.state == gateway_pb2.SUCCEEDED, final.error
     assert gate.calls == {"first": 1, "second": 2}  # the finished stage kept its output; the other re-ran
@@ -241,24 +285,31 @@ async def remote_stage(ctx):
 
 
 def remote_pipeline(attempts: int) -> dict[str, PipelineSpec]:
-    spec = PipelineSpec(name="remote", description="calls the evaluator over gRPC",
-                        stages=(StageSpec("dims", remote_stage, service="evaluator", max_attempts=attempts),),
-                        result=lambda outputs: outputs["dims"])
+    spec = PipelineSpec(
+        name="remote",
+        description="calls the evaluator over gRPC",
+        stages=(StageSpec("dims", remote_stage, service="evaluator", max_attempts=attempts),),
+        result=lambda outputs: outputs["dims"],
+    )
     return {"remote": spec}
 
 
-@pytest.mark.parametrize(("failures", "attempts", "expected"), [
-    (2, 3, gateway_pb2.SUCCEEDED),
-    (5, 2, gateway_pb2.FAILED),
-])
+@pytest.mark.parametrize(
+    ("failures", "attempts", "expected"),
+    [
+        (2, 3, gateway_pb2.SUCCEEDED),
+        (5, 2, gateway_pb2.FAILED),
+    ],
+)
 def test_remote_stages_retry_resource_exhausted(dramaturg_home: Path, failures, attempts, expected) -> None:
     flaky = FlakyEvaluator(failures)
     with ServerThread(FlakyService(flaky)) as model:
         gw = gateway(dramaturg_home, remote_pipeline(attempts), services={"evaluator": model.target})
         with ServerThread(gw) as srv, grpc.insecure_channel(srv.target) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="remote", audio=wav_input()),
-                                 metadata=AUTH, timeout=10)
+            job = stub.SubmitJob(
+                gateway_pb2.SubmitJobRequest(pipeline="remote", audio=wav_input()), metadata=AUTH, timeout=10
+            )
             final = wait_done(stub, job.job_id)
     assert final.state == expected
     assert final.stages[0].attempts == min(failures + 1, attempts)
@@ -269,10 +320,14 @@ def test_remote_stages_retry_resource_exhausted(dramaturg_home: Path, failures, 
 
 
 def test_unconfigured_service_fails_the_stage_with_a_fix(dramaturg_home: Path) -> None:
-    with ServerThread(gateway(dramaturg_home, remote_pipeline(3))) as srv, grpc.insecure_channel(srv.target) as ch:
+    with (
+        ServerThread(gateway(dramaturg_home, remote_pipeline(3))) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+    ):
         stub = gateway_pb2_grpc.GatewayStub(ch)
-        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="remote", audio=wav_input()), metadata=AUTH,
-                             timeout=10)
+        job = stub.SubmitJob(
+            gateway_pb2.SubmitJobRequest(pipeline="remote", audio=wav_input()), metadata=AUTH, timeout=10
+        )
         final = wait_done(stub, job.job_id)
     assert final.state == gateway_pb2.FAILED
     assert "services.evaluator" in final.error and final.stages[0].attempts == 1

@@ -9,11 +9,6 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from helpers import ServerThread
-from prometheus_client import REGISTRY
-
 from dramaturg.common.v1 import common_pb2
 from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from dramaturg.shared import metrics
@@ -23,6 +18,10 @@ from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.service import Service
 from dramaturg.tts.v1 import tts_pb2, tts_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from helpers import ServerThread
+from prometheus_client import REGISTRY
 
 EVALUATOR = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name
 TTS = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
@@ -42,7 +41,9 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServicer):
             raise errors.invalid_argument("audio", "set audio.content or audio.uri")
         return evaluator_pb2.EvaluateResponse(
             request_id=request.request_id,
-            scores=[evaluator_pb2.DimensionScore(dimension="pitch_variation", score=len(request.audio.content))],
+            scores=[
+                evaluator_pb2.DimensionScore(dimension="pitch_variation", score=len(request.audio.content))
+            ],
         )
 
     async def ListDimensions(self, request, context):
@@ -76,8 +77,11 @@ class FakeService(Service):
 
 def _health(target: str, service: str = "") -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
 
 
 def test_health_is_serving_only_after_the_model_loaded() -> None:
@@ -130,7 +134,9 @@ def test_errors_carry_status_and_details_and_are_counted() -> None:
 
         reply, call = stub.Evaluate.with_call(
             evaluator_pb2.EvaluateRequest(request_id="ok", audio=common_pb2.AudioInput(content=b"abc")),
-            metadata=(("x-request-id", "trace-42"),), timeout=5)
+            metadata=(("x-request-id", "trace-42"),),
+            timeout=5,
+        )
         assert reply.scores[0].score == 3
         assert ("x-request-id", "trace-42") in tuple(call.initial_metadata())
     assert _sample("grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **labels) == before_invalid + 1
@@ -159,17 +165,22 @@ def test_audio_sized_messages_pass_the_default_4mib_limit() -> None:
 
         with grpc.insecure_channel(srv.target, options=channel_options(64 * 1024 * 1024)) as channel:
             reply = evaluator_pb2_grpc.EvaluatorStub(channel).Evaluate(
-                evaluator_pb2.EvaluateRequest(audio=common_pb2.AudioInput(content=payload)), timeout=30)
+                evaluator_pb2.EvaluateRequest(audio=common_pb2.AudioInput(content=payload)), timeout=30
+            )
     assert reply.scores[0].score == len(payload)
 
 
 def test_drain_finishes_in_flight_work_and_says_not_serving() -> None:
-    srv = ServerThread(FakeService(), ServerSettings(port=0, drain_notice_seconds=1.0, drain_grace_seconds=5.0))
+    srv = ServerThread(
+        FakeService(), ServerSettings(port=0, drain_notice_seconds=1.0, drain_grace_seconds=5.0)
+    )
     with srv:
         channel = grpc.insecure_channel(srv.target)
         stub = evaluator_pb2_grpc.EvaluatorStub(channel)
-        future = stub.Evaluate.future(evaluator_pb2.EvaluateRequest(
-            request_id="slow-1", audio=common_pb2.AudioInput(content=b"x")), timeout=10)
+        future = stub.Evaluate.future(
+            evaluator_pb2.EvaluateRequest(request_id="slow-1", audio=common_pb2.AudioInput(content=b"x")),
+            timeout=10,
+        )
         time.sleep(0.3)  # the RPC is in flight
         stopping = threading.Thread(target=srv.call, args=(srv.server.stop(),))
         stopping.start()
@@ -185,10 +196,17 @@ def test_drain_finishes_in_flight_work_and_says_not_serving() -> None:
 def test_metrics_endpoint_shows_grpc_and_gpu_families() -> None:
     port = metrics.start_metrics_server(0, "127.0.0.1")
     with ServerThread(FakeService()) as srv, grpc.insecure_channel(srv.target) as channel:
-        evaluator_pb2_grpc.EvaluatorStub(channel).ListDimensions(evaluator_pb2.ListDimensionsRequest(), timeout=5)
+        evaluator_pb2_grpc.EvaluatorStub(channel).ListDimensions(
+            evaluator_pb2.ListDimensionsRequest(), timeout=5
+        )
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for family in ("grpc_server_started_total", "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
-                   "dramaturg_gpu_available", "dramaturg_gpu_count"):
+    for family in (
+        "grpc_server_started_total",
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds_bucket",
+        "dramaturg_gpu_available",
+        "dramaturg_gpu_count",
+    ):
         assert family in text, family
     collector = metrics.register_gpu_collector()
     expected = "1.0" if collector.available else "0.0"

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-
 from dramaturg.shared.grpc.errors import unauthenticated
 
 PROTECTED_PREFIX = "/dramaturg."
@@ -70,9 +69,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             yield  # pragma: no cover - makes this an async generator
 
         if handler.response_streaming:
-            factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                       else grpc.unary_stream_rpc_method_handler)
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
             return factory(deny_stream, handler.request_deserializer, handler.response_serializer)
-        factory = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
-                   else grpc.unary_unary_rpc_method_handler)
+        factory = (
+            grpc.stream_unary_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
         return factory(deny_unary, handler.request_deserializer, handler.response_serializer)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from dramaturg.shared.config import ServiceSettings
+from pydantic import Field
 
 
 class GatewaySettings(ServiceSettings):

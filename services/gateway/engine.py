@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from prometheus_client import Counter, Gauge, Histogram
-
 from dramaturg.common.v1 import common_pb2
 from dramaturg.gateway.v1 import gateway_pb2
 from dramaturg.services.gateway.pipelines import PipelineSpec, StageContext, StageSpec
@@ -29,6 +26,8 @@ from dramaturg.services.gateway.store import TERMINAL_STATES, JobStore, StoredEv
 from dramaturg.shared.grpc import errors
 from dramaturg.shared.grpc.client import ChannelPool
 from dramaturg.shared.grpc.errors import ServiceError, details_from_error
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +35,18 @@ JOBS_TOTAL = Counter("dramaturg_jobs_total", "Jobs that reached a final state.",
 JOBS_RUNNING = Gauge("dramaturg_jobs_running", "Jobs running now.")
 JOBS_PENDING = Gauge("dramaturg_jobs_pending", "Jobs accepted and waiting for a slot.")
 STAGE_SECONDS = Histogram(
-    "dramaturg_job_stage_seconds", "Time per stage attempt.", ("pipeline", "stage", "state"),
+    "dramaturg_job_stage_seconds",
+    "Time per stage attempt.",
+    ("pipeline", "stage", "state"),
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
 STAGE_RETRIES = Counter("dramaturg_job_stage_retries_total", "Stage attempts retried.", ("pipeline", "stage"))
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 S = gateway_pb2  # short alias for the enums
 
 
@@ -66,9 +71,17 @@ class _StageFailed(Exception):
 class JobEngine:
     """Submits, runs, cancels, lists and watches jobs over a :class:`JobStore`."""
 
-    def __init__(self, store: JobStore, work_root: Path, pipelines: dict[str, PipelineSpec],
-                 channels: ChannelPool, *, max_running: int = 4, max_pending: int = 64,
-                 retry_base_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        work_root: Path,
+        pipelines: dict[str, PipelineSpec],
+        channels: ChannelPool,
+        *,
+        max_running: int = 4,
+        max_pending: int = 64,
+        retry_base_seconds: float = 0.5,
+    ) -> None:
         self.store = store
         self.work_root = work_root
         self.pipelines = pipelines
@@ -110,7 +123,9 @@ class JobEngine:
         spec = self.pipelines.get(request.pipeline)
         if spec is None:
             known = ", ".join(sorted(self.pipelines))
-            raise errors.invalid_argument("pipeline", f"unknown pipeline {request.pipeline!r}; known: {known}")
+            raise errors.invalid_argument(
+                "pipeline", f"unknown pipeline {request.pipeline!r}; known: {known}"
+            )
         params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
         spec.validate_params(params)
         if not request.HasField("audio") or not request.audio.WhichOneof("source"):
@@ -128,18 +143,31 @@ class JobEngine:
         from dramaturg.shared import audio as audio_io
 
         await asyncio.to_thread(
-            audio_io.decode_audio_input, request.audio, target_rate=None,
-            limits=audio_io.AudioLimits(max_seconds=float(params.get("max_seconds", 3 * 3600))), field="audio",
+            audio_io.decode_audio_input,
+            request.audio,
+            target_rate=None,
+            limits=audio_io.AudioLimits(max_seconds=float(params.get("max_seconds", 3 * 3600))),
+            field="audio",
         )
         job_id = uuid.uuid4().hex[:12]
         work = self.work_root / job_id
         work.mkdir(parents=True, exist_ok=True)
         (work / "input.pb").write_bytes(request.audio.SerializeToString())
         job = gateway_pb2.Job(
-            job_id=job_id, pipeline=spec.name, state=S.PENDING, request_id=request.request_id,
-            params=_struct(params), labels=dict(request.labels), created_at=_now(), updated_at=_now(),
-            stages=[gateway_pb2.Stage(name=s.name, service=s.service, state=S.STAGE_PENDING,
-                                      depends_on=list(s.depends_on)) for s in spec.stages],
+            job_id=job_id,
+            pipeline=spec.name,
+            state=S.PENDING,
+            request_id=request.request_id,
+            params=_struct(params),
+            labels=dict(request.labels),
+            created_at=_now(),
+            updated_at=_now(),
+            stages=[
+                gateway_pb2.Stage(
+                    name=s.name, service=s.service, state=S.STAGE_PENDING, depends_on=list(s.depends_on)
+                )
+                for s in spec.stages
+            ],
         )
         stored, created = self.store.create(job)
         if not created:
@@ -159,7 +187,8 @@ class JobEngine:
         job = self.get(job_id)
         if job.state in TERMINAL_STATES:
             raise errors.failed_precondition(
-                f"job {job_id} already finished ({S.JobState.Name(job.state)}); only pending or running jobs can be cancelled",
+                f"job {job_id} already finished ({S.JobState.Name(job.state)}); "
+                "only pending or running jobs can be cancelled",
                 reason="JOB_FINISHED",
             )
         task = self._tasks.get(job_id)
@@ -200,7 +229,11 @@ class JobEngine:
                 sequence = event.sequence
                 yield self._event_proto(event)
             job = self.store.get(job_id)
-            if job is not None and job.state in TERMINAL_STATES and not self.store.events_after(job_id, sequence):
+            if (
+                job is not None
+                and job.state in TERMINAL_STATES
+                and not self.store.events_after(job_id, sequence)
+            ):
                 return
             try:  # another gateway process may write too: poll now and then as well
                 await asyncio.wait_for(changed.wait(), timeout=1.0)
@@ -210,8 +243,15 @@ class JobEngine:
     def _event_proto(self, event: StoredEvent) -> gateway_pb2.JobEvent:
         stamp = timestamp_pb2.Timestamp()
         stamp.FromNanoseconds(int(event.time * 1e9))
-        return gateway_pb2.JobEvent(job_id=event.job_id, sequence=event.sequence, time=stamp, kind=event.kind,
-                                    stage=event.stage, message=event.message, job=self.store.get(event.job_id))
+        return gateway_pb2.JobEvent(
+            job_id=event.job_id,
+            sequence=event.sequence,
+            time=stamp,
+            kind=event.kind,
+            stage=event.stage,
+            message=event.message,
+            job=self.store.get(event.job_id),
+        )
 
     # -- running -------------------------------------------------------------------------------
     def _event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> None:
@@ -284,8 +324,9 @@ class JobEngine:
         job.state = S.RUNNING
         self._save(job, S.JOB_STATE_CHANGED, message="running")
         stages = {s.name: s for s in job.stages}
-        outputs = {s.name: json_format.MessageToDict(s.output) for s in job.stages
-                   if s.state == S.STAGE_SUCCEEDED}
+        outputs = {
+            s.name: json_format.MessageToDict(s.output) for s in job.stages if s.state == S.STAGE_SUCCEEDED
+        }
         running: dict[str, asyncio.Task] = {}
         try:
             while len(outputs) < len(spec.stages):
@@ -296,7 +337,8 @@ class JobEngine:
                     if all(dep in outputs for dep in stage_spec.depends_on):
                         inputs = {dep: outputs[dep] for dep in stage_spec.depends_on}
                         running[name] = asyncio.create_task(
-                            self._run_stage(job, spec, stage_spec, stages[name], params, work, audio, inputs))
+                            self._run_stage(job, spec, stage_spec, stages[name], params, work, audio, inputs)
+                        )
                 if not running:
                     raise _StageFailed("", "no stage can run: the pipeline graph is broken")
                 done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
@@ -323,9 +365,17 @@ class JobEngine:
             return
         self._finish(job, S.SUCCEEDED, "succeeded", result)
 
-    async def _run_stage(self, job: gateway_pb2.Job, spec: PipelineSpec, stage_spec: StageSpec,
-                         stage: gateway_pb2.Stage, params: dict, work: Path, audio: common_pb2.AudioInput,
-                         inputs: dict[str, dict]) -> dict:
+    async def _run_stage(
+        self,
+        job: gateway_pb2.Job,
+        spec: PipelineSpec,
+        stage_spec: StageSpec,
+        stage: gateway_pb2.Stage,
+        params: dict,
+        work: Path,
+        audio: common_pb2.AudioInput,
+        inputs: dict[str, dict],
+    ) -> dict:
         name = stage_spec.name
         first_attempt = stage.attempts + 1
         for attempt in range(first_attempt, first_attempt + stage_spec.max_attempts):
@@ -341,8 +391,13 @@ class JobEngine:
                 self._save(job, S.STAGE_PROGRESS, name, message)
 
             ctx = StageContext(
-                job_id=job.job_id, params=params, work_dir=work, inputs=inputs, audio=audio,
-                deadline=time.monotonic() + stage_spec.timeout_seconds, channel=self.channels.channel,
+                job_id=job.job_id,
+                params=params,
+                work_dir=work,
+                inputs=inputs,
+                audio=audio,
+                deadline=time.monotonic() + stage_spec.timeout_seconds,
+                channel=self.channels.channel,
                 report=report,
             )
             began = time.perf_counter()
@@ -357,7 +412,9 @@ class JobEngine:
                 detail = details_from_error(exc)
                 message = f"{stage_spec.service} answered {exc.code().name}: {detail.message}"
                 if exc.code() in RETRYABLE:
-                    retry_after = detail.retry_after_seconds or self.retry_base_seconds * 2 ** (attempt - first_attempt)
+                    retry_after = detail.retry_after_seconds or self.retry_base_seconds * 2 ** (
+                        attempt - first_attempt
+                    )
             except ServiceError as exc:
                 message = exc.message
                 if exc.code in RETRYABLE:

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-
 from dramaturg.common.v1 import common_pb2
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared.grpc.errors import invalid_argument
@@ -71,7 +70,9 @@ class PipelineSpec:
         for stage in self.stages:  # stages are listed in a topological order
             missing = set(stage.depends_on) - seen
             if missing:
-                raise ValueError(f"pipeline {self.name}: stage {stage.name} depends on later/unknown {missing}")
+                raise ValueError(
+                    f"pipeline {self.name}: stage {stage.name} depends on later/unknown {missing}"
+                )
             seen.add(stage.name)
 
     def stage(self, name: str) -> StageSpec:
@@ -81,11 +82,15 @@ class PipelineSpec:
         for key, value in params.items():
             if key not in self.params:
                 known = ", ".join(sorted(self.params)) or "none"
-                raise invalid_argument(f"params.{key}", f"unknown parameter for pipeline {self.name!r}; known: {known}")
+                raise invalid_argument(
+                    f"params.{key}", f"unknown parameter for pipeline {self.name!r}; known: {known}"
+                )
             expected = self.params[key]
             ok = isinstance(value, expected) or (expected is float and isinstance(value, int | float))
             if not ok:
-                raise invalid_argument(f"params.{key}", f"expected {expected.__name__}, got {type(value).__name__}")
+                raise invalid_argument(
+                    f"params.{key}", f"expected {expected.__name__}, got {type(value).__name__}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,8 +110,11 @@ async def decode_stage(ctx: StageContext) -> dict[str, Any]:
     decoded = audio_io.decode_audio_input(ctx.audio, target_rate=SAMPLE_RATE, limits=limits, field="audio")
     (ctx.work_dir / "audio.wav").write_bytes(audio_io.encode_wav(decoded))
     await ctx.report(1.0, f"decoded {decoded.duration:.2f}s")
-    return {"duration_seconds": round(decoded.duration, 4), "sample_rate_hz": SAMPLE_RATE,
-            "samples": int(decoded.samples.shape[-1])}
+    return {
+        "duration_seconds": round(decoded.duration, 4),
+        "sample_rate_hz": SAMPLE_RATE,
+        "samples": int(decoded.samples.shape[-1]),
+    }
 
 
 def _frame_db(samples: np.ndarray, frame: int) -> np.ndarray:
@@ -162,8 +170,12 @@ async def activity_stage(ctx: StageContext) -> dict[str, Any]:
     segments = [[round(a, 3), round(b, 3)] for a, b in segments if b - a >= 0.1]
     speech = sum(b - a for a, b in segments)
     await ctx.report(1.0, f"{len(segments)} speech segments")
-    return {"speech_seconds": round(speech, 3), "speech_ratio": round(speech / max(audio.duration, 1e-9), 4),
-            "threshold_dbfs": round(threshold, 2), "segments": segments}
+    return {
+        "speech_seconds": round(speech, 3),
+        "speech_ratio": round(speech / max(audio.duration, 1e-9), 4),
+        "threshold_dbfs": round(threshold, 2),
+        "segments": segments,
+    }
 
 
 def _probe_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.services.gateway.auth import BearerTokenInterceptor, resolve_token
 from dramaturg.services.gateway.config import GatewaySettings
@@ -32,8 +31,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext):
         return self.engine.get(request.job_id)
 
-    async def WatchJob(self, request: gateway_pb2.WatchJobRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.JobEvent]:
+    async def WatchJob(
+        self, request: gateway_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.JobEvent]:
         async for event in self.engine.watch(request.job_id, request.after_sequence):
             yield event
 
@@ -43,22 +43,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext):
         return self.engine.list(request)
 
-    async def ListPipelines(self, request: gateway_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext):
-        return gateway_pb2.ListPipelinesResponse(pipelines=[
-            gateway_pb2.Pipeline(
-                name=p.name, description=p.description,
-                stages=[gateway_pb2.Stage(name=s.name, service=s.service, depends_on=list(s.depends_on))
-                        for s in p.stages],
-            )
-            for p in self.engine.pipelines.values()
-        ])
+    async def ListPipelines(
+        self, request: gateway_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext
+    ):
+        return gateway_pb2.ListPipelinesResponse(
+            pipelines=[
+                gateway_pb2.Pipeline(
+                    name=p.name,
+                    description=p.description,
+                    stages=[
+                        gateway_pb2.Stage(name=s.name, service=s.service, depends_on=list(s.depends_on))
+                        for s in p.stages
+                    ],
+                )
+                for p in self.engine.pipelines.values()
+            ]
+        )
 
 
 class GatewayService(Service):
     name = "gateway"
 
-    def __init__(self, settings: GatewaySettings, home: Path | None = None,
-                 pipelines: dict[str, PipelineSpec] | None = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        home: Path | None = None,
+        pipelines: dict[str, PipelineSpec] | None = None,
+    ) -> None:
         self.settings = settings
         self.home = home or dramaturg_home()
         token = resolve_token(settings.api_token, self.home)
@@ -72,14 +83,23 @@ class GatewayService(Service):
         self.store = open_store(url)
         self.channels = ChannelPool(settings.services)
         self.engine = JobEngine(
-            self.store, self.home / "gateway" / "jobs", pipelines or PIPELINES, self.channels,
-            max_running=settings.max_running_jobs, max_pending=settings.max_pending_jobs,
+            self.store,
+            self.home / "gateway" / "jobs",
+            pipelines or PIPELINES,
+            self.channels,
+            max_running=settings.max_running_jobs,
+            max_pending=settings.max_pending_jobs,
             retry_base_seconds=settings.retry_base_seconds,
         )
 
     def registrations(self) -> list[Registration]:
-        return [Registration(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
-                             gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(self.engine))]
+        return [
+            Registration(
+                gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+                gateway_pb2_grpc.add_GatewayServicer_to_server,
+                GatewayServicer(self.engine),
+            )
+        ]
 
     def interceptors(self) -> list:
         return [BearerTokenInterceptor(self.token)]

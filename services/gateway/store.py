@@ -8,16 +8,14 @@ columns; events as an append-only table. A cluster swaps in PostgreSQL behind th
 from __future__ import annotations
 
 import abc
-
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from dramaturg.gateway.v1 import gateway_pb2
+from google.protobuf import json_format
 
 TERMINAL_STATES = {gateway_pb2.SUCCEEDED, gateway_pb2.FAILED, gateway_pb2.CANCELLED}
 
@@ -56,8 +54,9 @@ class JobStore(abc.ABC):
     def events_after(self, job_id: str, after_sequence: int) -> list[StoredEvent]: ...
 
     @abc.abstractmethod
-    def list(self, *, state: int = 0, pipeline: str = "", limit: int = 50,
-             before: tuple[float, str] | None = None) -> list[gateway_pb2.Job]:
+    def list(
+        self, *, state: int = 0, pipeline: str = "", limit: int = 50, before: tuple[float, str] | None = None
+    ) -> list[gateway_pb2.Job]:
         """Newest first; ``before`` is the (created_at, job_id) of the last job of the previous page."""
 
     @abc.abstractmethod
@@ -115,12 +114,15 @@ class SqliteJobStore(JobStore):
     def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
         with self._lock:
             if job.request_id:
-                row = self._db.execute("SELECT body FROM jobs WHERE request_id = ?", (job.request_id,)).fetchone()
+                row = self._db.execute(
+                    "SELECT body FROM jobs WHERE request_id = ?", (job.request_id,)
+                ).fetchone()
                 if row:
                     return self._job(row[0]), False
             created = job.created_at.ToNanoseconds() / 1e9 if job.HasField("created_at") else time.time()
             self._db.execute(
-                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body) "
+                "VALUES (?,?,?,?,?,?)",
                 (job.job_id, job.request_id, job.pipeline, job.state, created, self._body(job)),
             )
             return job, True
@@ -137,28 +139,35 @@ class SqliteJobStore(JobStore):
 
     def save(self, job: gateway_pb2.Job) -> None:
         with self._lock:
-            self._db.execute("UPDATE jobs SET state = ?, body = ? WHERE job_id = ?",
-                             (job.state, self._body(job), job.job_id))
+            self._db.execute(
+                "UPDATE jobs SET state = ?, body = ? WHERE job_id = ?",
+                (job.state, self._body(job), job.job_id),
+            )
 
     def add_event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> StoredEvent:
         with self._lock:
-            row = self._db.execute("SELECT COALESCE(MAX(sequence), 0) FROM events WHERE job_id = ?",
-                                   (job_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE job_id = ?", (job_id,)
+            ).fetchone()
             event = StoredEvent(job_id, row[0] + 1, time.time(), kind, stage, message)
-            self._db.execute("INSERT INTO events VALUES (?,?,?,?,?,?)",
-                             (event.job_id, event.sequence, event.time, event.kind, event.stage, event.message))
+            self._db.execute(
+                "INSERT INTO events VALUES (?,?,?,?,?,?)",
+                (event.job_id, event.sequence, event.time, event.kind, event.stage, event.message),
+            )
         return event
 
     def events_after(self, job_id: str, after_sequence: int) -> list[StoredEvent]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT job_id, sequence, time, kind, stage, message FROM events "
-                "WHERE job_id = ? AND sequence > ? ORDER BY sequence", (job_id, after_sequence),
+                "WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, after_sequence),
             ).fetchall()
         return [StoredEvent(*row) for row in rows]
 
-    def list(self, *, state: int = 0, pipeline: str = "", limit: int = 50,
-             before: tuple[float, str] | None = None) -> list[gateway_pb2.Job]:
+    def list(
+        self, *, state: int = 0, pipeline: str = "", limit: int = 50, before: tuple[float, str] | None = None
+    ) -> list[gateway_pb2.Job]:
         where, args = [], []
         if state:
             where.append("state = ?")
@@ -191,7 +200,7 @@ class SqliteJobStore(JobStore):
 def open_store(url: str) -> JobStore:
     """``sqlite:///path/to/jobs.db`` (the embedded default). PostgreSQL is the cluster plan (README)."""
     if url.startswith("sqlite:///"):
-        return SqliteJobStore(Path(url[len("sqlite:///"):]).expanduser())
+        return SqliteJobStore(Path(url[len("sqlite:///") :]).expanduser())
     if url.startswith(("postgres://", "postgresql://")):
         raise ValueError("the PostgreSQL job store is not built yet; use sqlite:///PATH (README: status)")
     raise ValueError(f"unsupported job store URL {url!r}; expected sqlite:///PATH")

@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-from rich.console import Console
-from rich.table import Table
-
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.shared.cli.jobs import audio_input, stage_table, watch_job
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import open_channel
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
 
 console = Console()
 
@@ -33,8 +32,16 @@ def demo_corpus(home: Path) -> Path:
     out = home / "demo-data"
     if not (out / "manifest.json").exists():
         console.print(f"[bold]1/4[/] generating a synthetic drama corpus in {out} (espeak-ng + sox) …")
-        config = SynthConfig(seed=7, num_speakers=5, heldout_speakers=2, scenes_train=2, scenes_dev=1,
-                             scenes_test=1, lines_per_scene=8, utterances_per_speaker=3)
+        config = SynthConfig(
+            seed=7,
+            num_speakers=5,
+            heldout_speakers=2,
+            scenes_train=2,
+            scenes_dev=1,
+            scenes_test=1,
+            lines_per_scene=8,
+            utterances_per_speaker=3,
+        )
         synthesize_corpus(out, config)
     else:
         console.print(f"[bold]1/4[/] using the synthetic corpus in {out}")
@@ -74,8 +81,11 @@ async def run_job(gateway: str, token: str, wav: Path) -> gateway_pb2.Job:
         pipeline = "probe"
         console.print(f"gateway offers pipelines: {', '.join(names)} → running [bold]{pipeline}[/]")
         job = await stub.SubmitJob(
-            gateway_pb2.SubmitJobRequest(pipeline=pipeline, audio=audio_input(wav), request_id=f"demo-{time.time()}"),
-            timeout=60)
+            gateway_pb2.SubmitJobRequest(
+                pipeline=pipeline, audio=audio_input(wav), request_id=f"demo-{time.time()}"
+            ),
+            timeout=60,
+        )
         console.print(f"submitted job [bold]{job.job_id}[/]")
         return await watch_job(stub, job.job_id)
     finally:
@@ -105,8 +115,14 @@ def run(args: argparse.Namespace) -> int:
         table = Table(title=f"scene {uri}")
         table.add_column("measure")
         table.add_column("value", justify="right")
-        for key in ("duration_seconds", "rms_dbfs", "peak_dbfs", "loudness_range_db", "speech_seconds",
-                    "speech_ratio"):
+        for key in (
+            "duration_seconds",
+            "rms_dbfs",
+            "peak_dbfs",
+            "loudness_range_db",
+            "speech_seconds",
+            "speech_ratio",
+        ):
             table.add_row(key, f"{result[key]}")
         reference = reference_turns(corpus, uri)
         speakers = sorted({t["speaker"] for t in reference})
@@ -115,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("speech detection error vs RTTM (collar 0)", f"{report['detection error rate']:.1%}")
         table.add_row("  miss / false alarm (s)", f"{report['miss']:.2f} / {report['false alarm']:.2f}")
         console.print(table)
-        console.print("detected speech segments (s):",
-                      ", ".join(f"{a:.2f}–{b:.2f}" for a, b in result["segments"]))
+        console.print(
+            "detected speech segments (s):", ", ".join(f"{a:.2f}–{b:.2f}" for a, b in result["segments"])
+        )
         if args.json:
             print(json.dumps({"job_id": job.job_id, "result": result, "detection": report}, indent=2))
         return 0

@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from dramaturg.common.v1 import common_pb2
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import open_channel
 from dramaturg.shared.grpc.errors import details_from_error
+from google.protobuf import json_format, struct_pb2
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console(stderr=True)
 ENCODINGS = {".wav": common_pb2.WAV, ".flac": common_pb2.FLAC, ".ogg": common_pb2.OGG, ".mp3": common_pb2.MP3}
@@ -71,17 +70,28 @@ def stage_table(job: gateway_pb2.Job) -> Table:
     for col in ("stage", "service", "state", "attempts", "error"):
         table.add_column(col)
     for s in job.stages:
-        table.add_row(s.name, s.service, gateway_pb2.StageState.Name(s.state).removeprefix("STAGE_"),
-                      str(s.attempts), s.error)
+        table.add_row(
+            s.name,
+            s.service,
+            gateway_pb2.StageState.Name(s.state).removeprefix("STAGE_"),
+            str(s.attempts),
+            s.error,
+        )
     return table
 
 
 async def watch_job(stub: gateway_pb2_grpc.GatewayStub, job_id: str, quiet: bool = False) -> gateway_pb2.Job:
     """Follow a job's events with a progress bar; return the job as it finished."""
     last: gateway_pb2.Job | None = None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
-                  disable=quiet) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    ) as progress:
         task = progress.add_task(job_id, total=1.0, note="")
         async for event in stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job_id)):
             last = event.job
@@ -99,9 +109,14 @@ async def _run(args: argparse.Namespace) -> int:
         if args.job_command == "submit":
             params = struct_pb2.Struct()
             params.update(parse_params(args.param))
-            job = await stub.SubmitJob(gateway_pb2.SubmitJobRequest(
-                pipeline=args.pipeline, audio=audio_input(Path(args.audio)), params=params,
-                request_id=args.request_id or ""))
+            job = await stub.SubmitJob(
+                gateway_pb2.SubmitJobRequest(
+                    pipeline=args.pipeline,
+                    audio=audio_input(Path(args.audio)),
+                    params=params,
+                    request_id=args.request_id or "",
+                )
+            )
             console.print(f"submitted job [bold]{job.job_id}[/] ({job.pipeline})")
             if args.watch:
                 job = await watch_job(stub, job.job_id)
@@ -123,8 +138,13 @@ async def _run(args: argparse.Namespace) -> int:
             for col in ("job", "pipeline", "state", "progress", "created"):
                 table.add_column(col)
             for job in reply.jobs:
-                table.add_row(job.job_id, job.pipeline, gateway_pb2.JobState.Name(job.state),
-                              f"{job.progress:.0%}", job.created_at.ToDatetime().isoformat(timespec="seconds"))
+                table.add_row(
+                    job.job_id,
+                    job.pipeline,
+                    gateway_pb2.JobState.Name(job.state),
+                    f"{job.progress:.0%}",
+                    job.created_at.ToDatetime().isoformat(timespec="seconds"),
+                )
             Console().print(table)
         return 0
     except grpc.aio.AioRpcError as exc:

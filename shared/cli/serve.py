@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_class(name: str):
     factory = load_factory(name)
-    return getattr(importlib.import_module(factory.__module__), "SETTINGS")
+    return importlib.import_module(factory.__module__).SETTINGS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
         server["port"] = args.port
     if args.metrics_port is not None:
         server["metrics_port"] = args.metrics_port
-    settings = load_settings(settings_class(args.service), args.config,
-                             env_prefix=f"DRAMATURG_{args.service.upper()}_",
-                             overrides={"server": server} if server else None)
+    settings = load_settings(
+        settings_class(args.service),
+        args.config,
+        env_prefix=f"DRAMATURG_{args.service.upper()}_",
+        overrides={"server": server} if server else None,
+    )
     serve_forever(factory(settings), settings.server)
     return 0

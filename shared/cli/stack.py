@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import wait_for_serving
 from dramaturg.shared.service import model_services
@@ -51,8 +50,11 @@ class Stack:
     @classmethod
     def load(cls, path: Path) -> Stack:
         data = json.loads(path.read_text())
-        return cls(home=data["home"], token_file=data["token_file"],
-                   processes=[StackProcess(**p) for p in data["processes"]])
+        return cls(
+            home=data["home"],
+            token_file=data["token_file"],
+            processes=[StackProcess(**p) for p in data["processes"]],
+        )
 
 
 def stack_file(home: Path) -> Path:
@@ -73,12 +75,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _spawn(service: str, port: int, metrics_port: int, config: Path | None, logs: Path,
-           env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+def _spawn(
+    service: str, port: int, metrics_port: int, config: Path | None, logs: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, Path]:
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{service}.log"
-    cmd = [sys.executable, "-m", "dramaturg.shared.cli.main", "serve", service,
-           "--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dramaturg.shared.cli.main",
+        "serve",
+        service,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
     if config is not None:
         cmd += ["--config", str(config)]
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -86,8 +98,9 @@ def _spawn(service: str, port: int, metrics_port: int, config: Path | None, logs
     return proc, log_path
 
 
-def start_stack(home: Path, *, gateway_port: int | None = None, timeout: float = 300.0,
-                say=print) -> tuple[Stack, list[subprocess.Popen]]:
+def start_stack(
+    home: Path, *, gateway_port: int | None = None, timeout: float = 300.0, say=print
+) -> tuple[Stack, list[subprocess.Popen]]:
     """Start every built service and the gateway; return once all report SERVING."""
     from dramaturg.services.gateway.auth import ensure_token_file
 
@@ -96,7 +109,7 @@ def start_stack(home: Path, *, gateway_port: int | None = None, timeout: float =
         old = Stack.load(existing)
         if any(_alive(p.pid) for p in old.processes):
             raise RuntimeError(f"a stack is already running (see {existing}); run `dramaturg down` first")
-    token, token_path = ensure_token_file(home)
+    _token, token_path = ensure_token_file(home)
     env = dict(os.environ, DRAMATURG_HOME=str(home), PYTHONUNBUFFERED="1")
     env.pop("DRAMATURG_API_TOKEN", None)  # the gateway reads the token file the stack just wrote
     stack = Stack(home=str(home), token_file=str(token_path))
@@ -165,7 +178,9 @@ def stop_stack(home: Path) -> bool:
 def describe(stack: Stack) -> str:
     lines = [f"{'service':<12} {'gRPC':<18} {'metrics':<28} log"]
     for p in stack.processes:
-        lines.append(f"{p.service:<12} 127.0.0.1:{p.port:<8} http://127.0.0.1:{p.metrics_port}/metrics  {p.log}")
+        lines.append(
+            f"{p.service:<12} 127.0.0.1:{p.port:<8} http://127.0.0.1:{p.metrics_port}/metrics  {p.log}"
+        )
     lines.append(f"API token: {stack.token_file} (export DRAMATURG_API_TOKEN=$(cat {stack.token_file}))")
     return "\n".join(lines)
 

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not RECIPES.get(args.service):
-        print(f"dramaturg train: training for the {args.service} service is not built yet "
-              "(README: status)", file=sys.stderr)
+        print(
+            f"dramaturg train: training for the {args.service} service is not built yet (README: status)",
+            file=sys.stderr,
+        )
         return 2
     raise AssertionError("unreachable until a service registers recipes")

@@ -12,28 +12,35 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-
 from dramaturg.shared.config import MiB
 from dramaturg.shared.grpc.interceptors import REQUEST_ID_KEY
 from dramaturg.shared.grpc.server import channel_options
 from dramaturg.shared.logs import request_id_var
 
-_RETRY_POLICY = json.dumps({
-    "methodConfig": [{
-        "name": [{}],
-        "retryPolicy": {
-            "maxAttempts": 4,
-            "initialBackoff": "0.2s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }]
-})
+_RETRY_POLICY = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 
-class _Metadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _Metadata(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
     """Adds the bearer token and the current request id to every call."""
 
     def __init__(self, token: str | None) -> None:
@@ -47,8 +54,9 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
         rid = request_id_var.get()
         if rid and rid != "-" and REQUEST_ID_KEY not in keys:
             metadata.append((REQUEST_ID_KEY, rid))
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                          details.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
 
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
@@ -63,11 +71,19 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
         return await continuation(self._details(details), request_iterator)
 
 
-def open_channel(target: str, *, token: str | None = None, tls_ca_file: str | None = None,
-                 max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
+def open_channel(
+    target: str,
+    *,
+    token: str | None = None,
+    tls_ca_file: str | None = None,
+    max_message_bytes: int = 64 * MiB,
+) -> grpc.aio.Channel:
     """An aio channel to ``host:port`` with the project's limits, retry policy and metadata."""
-    options: Sequence = [*channel_options(max_message_bytes), ("grpc.service_config", _RETRY_POLICY),
-                         ("grpc.enable_retries", 1)]
+    options: Sequence = [
+        *channel_options(max_message_bytes),
+        ("grpc.service_config", _RETRY_POLICY),
+        ("grpc.enable_retries", 1),
+    ]
     interceptors = [_Metadata(token)]
     if tls_ca_file:
         creds = grpc.ssl_channel_credentials(Path(tls_ca_file).read_bytes())
@@ -102,8 +118,9 @@ class ChannelPool:
         self._channels.clear()
 
 
-def wait_for_serving(target: str, *, service: str = "", timeout: float = 120.0,
-                     tls_ca_file: str | None = None) -> bool:
+def wait_for_serving(
+    target: str, *, service: str = "", timeout: float = 120.0, tls_ca_file: str | None = None
+) -> bool:
     """Block until the gRPC health service at ``target`` says SERVING (what a readiness probe checks)."""
     import time
 
@@ -115,7 +132,8 @@ def wait_for_serving(target: str, *, service: str = "", timeout: float = 120.0,
         channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                health_pb2.HealthCheckRequest(service=service), timeout=2.0
+            )
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return True
         except grpc.RpcError:

@@ -79,14 +79,22 @@ def invalid_argument(field_path: str, description: str, reason: str = "INVALID_A
 
 def not_found(kind: str, name: str, hint: str = "") -> ServiceError:
     message = f"{kind} {name!r} not found" + (f"; {hint}" if hint else "")
-    return ServiceError(grpc.StatusCode.NOT_FOUND, message, reason=f"{kind.upper()}_NOT_FOUND",
-                        metadata={"kind": kind, "name": name})
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        message,
+        reason=f"{kind.upper()}_NOT_FOUND",
+        metadata={"kind": kind, "name": name},
+    )
 
 
 def already_exists(kind: str, name: str, hint: str = "") -> ServiceError:
     message = f"{kind} {name!r} already exists" + (f"; {hint}" if hint else "")
-    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message, reason=f"{kind.upper()}_EXISTS",
-                        metadata={"kind": kind, "name": name})
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        message,
+        reason=f"{kind.upper()}_EXISTS",
+        metadata={"kind": kind, "name": name},
+    )
 
 
 def failed_precondition(message: str, reason: str = "FAILED_PRECONDITION") -> ServiceError:
@@ -94,13 +102,15 @@ def failed_precondition(message: str, reason: str = "FAILED_PRECONDITION") -> Se
 
 
 def resource_exhausted(message: str, retry_after_seconds: float, reason: str = "QUEUE_FULL") -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason=reason,
-                        retry_after_seconds=retry_after_seconds)
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason=reason, retry_after_seconds=retry_after_seconds
+    )
 
 
 def unavailable(message: str, retry_after_seconds: float = 1.0, reason: str = "UNAVAILABLE") -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, message, reason=reason,
-                        retry_after_seconds=retry_after_seconds)
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, message, reason=reason, retry_after_seconds=retry_after_seconds
+    )
 
 
 def deadline_exceeded(message: str) -> ServiceError:
@@ -151,5 +161,3 @@ def details_from_error(error: grpc.RpcError) -> ErrorDetails:
             detail.Unpack(retry)
             out.retry_after_seconds = retry.retry_delay.ToNanoseconds() / 1e9
     return out
-
-

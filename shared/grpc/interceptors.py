@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-
 from dramaturg.shared import metrics
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.logs import request_id_var
@@ -25,8 +24,11 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 # Probes and schema discovery should not count as traffic or need a request id.
-_QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                   "grpc.reflection.v1.ServerReflection")
+_QUIET_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -68,15 +70,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         quiet = service in _QUIET_SERVICES
         rid_from_metadata = _metadata_value(details.invocation_metadata, REQUEST_ID_KEY)
         kind = (
-            "bidi_stream" if handler.request_streaming and handler.response_streaming
-            else "client_stream" if handler.request_streaming
-            else "server_stream" if handler.response_streaming
+            "bidi_stream"
+            if handler.request_streaming and handler.response_streaming
+            else "client_stream"
+            if handler.request_streaming
+            else "server_stream"
+            if handler.response_streaming
             else "unary"
         )
         labels = (kind, service, method)
         wrap = _wrap_streaming if handler.response_streaming else _wrap_unary
         behavior = (
-            handler.stream_stream or handler.unary_stream if handler.response_streaming
+            handler.stream_stream or handler.unary_stream
+            if handler.response_streaming
             else handler.stream_unary or handler.unary_unary
         )
         wrapped = wrap(behavior, labels, rid_from_metadata, quiet, handler.request_streaming)
@@ -86,8 +92,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             "client_stream": grpc.stream_unary_rpc_method_handler,
             "bidi_stream": grpc.stream_stream_rpc_method_handler,
         }[kind]
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class _Call:
@@ -116,7 +125,8 @@ class _Call:
         log.exception("%s/%s failed", self.labels[1], self.labels[2])
         await context.abort(
             grpc.StatusCode.INTERNAL,
-            f"internal error while serving {self.labels[2]} (request id {self.rid}); the server log has the cause",
+            f"internal error while serving {self.labels[2]} (request id {self.rid}); "
+            "the server log has the cause",
         )
 
     def finish(self, context: grpc.aio.ServicerContext) -> None:
@@ -147,8 +157,9 @@ def _count_received(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[
     return gen()
 
 
-def _wrap_unary(behavior: Callable, labels: tuple[str, str, str], rid: str | None, quiet: bool,
-                request_streaming: bool) -> Callable:
+def _wrap_unary(
+    behavior: Callable, labels: tuple[str, str, str], rid: str | None, quiet: bool, request_streaming: bool
+) -> Callable:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(labels, rid, quiet)
         token = call.begin(None if request_streaming else request, context)
@@ -173,8 +184,9 @@ def _wrap_unary(behavior: Callable, labels: tuple[str, str, str], rid: str | Non
     return wrapped
 
 
-def _wrap_streaming(behavior: Callable, labels: tuple[str, str, str], rid: str | None, quiet: bool,
-                    request_streaming: bool) -> Callable:
+def _wrap_streaming(
+    behavior: Callable, labels: tuple[str, str, str], rid: str | None, quiet: bool, request_streaming: bool
+) -> Callable:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(labels, rid, quiet)
         token = call.begin(None if request_streaming else request, context)

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from dramaturg.shared.config import ServerSettings
+from dramaturg.shared.grpc.interceptors import ServerInterceptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-
-from dramaturg.shared.config import ServerSettings
-from dramaturg.shared.grpc.interceptors import ServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class GrpcServer:
     """An aio server with health, reflection, the shared interceptor and a drain on SIGTERM."""
 
-    def __init__(self, name: str, settings: ServerSettings,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    def __init__(
+        self, name: str, settings: ServerSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
         self.name = name
         self.settings = settings
         self._registrations: list[Registration] = []
@@ -85,8 +85,11 @@ class GrpcServer:
             r.add_to_server(r.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         address = f"{s.host}:{s.port}"
@@ -102,8 +105,13 @@ class GrpcServer:
         await server.start()
         self._server = server
         await self.set_serving(False)
-        log.info("%s listening on %s:%s (%s)", self.name, s.host, self.port,
-                 "TLS" if s.tls_cert_file else "plaintext")
+        log.info(
+            "%s listening on %s:%s (%s)",
+            self.name,
+            s.host,
+            self.port,
+            "TLS" if s.tls_cert_file else "plaintext",
+        )
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -119,7 +127,9 @@ class GrpcServer:
         self._draining = True
         await self.set_serving(False)
         grace = self.settings.drain_grace_seconds if grace is None else grace
-        log.info("%s draining (notice %.1fs, grace %.1fs)", self.name, self.settings.drain_notice_seconds, grace)
+        log.info(
+            "%s draining (notice %.1fs, grace %.1fs)", self.name, self.settings.drain_notice_seconds, grace
+        )
         await asyncio.sleep(self.settings.drain_notice_seconds)
         await self._server.stop(grace)
         self._stopped.set()
