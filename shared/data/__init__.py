@@ -1,0 +1,6 @@
+"""Synthetic data for dramaturg: seeded espeak-ng voices, rendering, prosody labels, the corpus builder.
+
+Nothing can be downloaded where dramaturg is built and tested, so the corpus every service trains on is
+made here (``dramaturg data synth OUT``). Import from the submodules: ``synth`` (SynthConfig,
+synthesize_corpus), ``voices``, ``render`` and ``prosody``.
+"""
