@@ -31,7 +31,7 @@ debs:  ## install the Debian packages the synthetic corpus and audio decoding ne
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@test -x $(UV) || $(PY) -m pip install -q uv
-	$(UV) pip install --python $(PY) -q -e ".[$(EXTRAS)]"
+	$(UV) pip install --python $(PY) -q --compile-bytecode -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 proto: $(STAMP)  ## regenerate the Python stubs from proto/
