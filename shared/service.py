@@ -32,6 +32,16 @@ SERVICES: dict[str, str | None] = {
 }
 
 
+# Where each model service keeps its training recipes (import path of name → Recipe); None: not built.
+RECIPES: dict[str, str | None] = {
+    "speaker": None,
+    "diarization": None,
+    "tts": None,
+    "audiollm": None,
+    "evaluator": None,
+}
+
+
 class ServiceNotBuilt(RuntimeError):
     """Raised for a service whose folder exists in the plan but not yet in the code."""
 

@@ -13,6 +13,7 @@ services land (README: status).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,4 +195,71 @@ PROBE = PipelineSpec(
     params={"max_seconds": float, "vad_margin_db": float},
 )
 
-PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in (PROBE,)}
+# ---------------------------------------------------------------------------------------------------
+# identify_lines: who speaks each line, against the voices enrolled in the speaker service.
+
+
+def _segments(ctx: StageContext) -> list[list[float]]:
+    """The line timings the client sent (a script with timecodes), else the detected speech segments."""
+    given = ctx.params.get("segments")
+    if given:
+        segments = []
+        for i, seg in enumerate(given):
+            if not (isinstance(seg, list) and len(seg) == 2 and all(isinstance(x, int | float) for x in seg)):
+                raise invalid_argument(f"params.segments[{i}]",
+                                       "each segment is [start_seconds, end_seconds]")
+            if not 0 <= seg[0] < seg[1]:
+                raise invalid_argument(f"params.segments[{i}]", "needs 0 ≤ start < end")
+            segments.append([float(seg[0]), float(seg[1])])
+        return segments
+    return ctx.inputs["activity"]["segments"]
+
+
+async def identify_stage(ctx: StageContext) -> dict[str, Any]:
+    """Speaker.Identify over every line; lines shorter than the service accepts are reported, not sent."""
+    from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
+
+    segments = _segments(ctx)
+    min_seconds = float(ctx.params.get("min_segment_seconds", 0.5))
+    usable = [s for s in segments if s[1] - s[0] >= min_seconds]
+    audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes())
+    request = speaker_pb2.IdentifyRequest(
+        request_id=ctx.job_id, audio=audio, top_k=3,
+        segments=[common_pb2.TimeSpan(start=a, end=b) for a, b in usable],
+        voice_ids=[str(v) for v in ctx.params.get("voice_ids", [])],
+    )
+    remaining = max(ctx.deadline - time.monotonic(), 0.1)
+    reply = await speaker_pb2_grpc.SpeakerStub(ctx.channel("speaker")).Identify(request, timeout=remaining)
+    lines = []
+    for result in reply.results:
+        best = result.candidates[0] if result.candidates else None
+        lines.append({
+            "start": round(result.span.start, 3), "end": round(result.span.end, 3),
+            "voice_id": result.voice_id, "best_candidate": best.voice_id if best else "",
+            "score": round(best.score, 4) if best else 0.0,
+        })
+    await ctx.report(1.0, f"identified {len(lines)} lines")
+    return {"lines": lines, "skipped_short": len(segments) - len(usable),
+            "model": f"{reply.model.name}:{reply.model.version}", "threshold": round(reply.threshold, 4)}
+
+
+def _identify_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"duration_seconds": outputs["decode"]["duration_seconds"], **outputs["identify"]}
+
+
+IDENTIFY_LINES = PipelineSpec(
+    name="identify_lines",
+    description="Who speaks each line: decode, find speech (or take the script's line timings), "
+                "identify each line against the voices enrolled in the speaker service.",
+    stages=(
+        StageSpec("decode", decode_stage, timeout_seconds=120),
+        StageSpec("activity", activity_stage, depends_on=("decode",), timeout_seconds=120),
+        StageSpec("identify", identify_stage, service="speaker", depends_on=("decode", "activity"),
+                  timeout_seconds=300),
+    ),
+    result=_identify_result,
+    params={"max_seconds": float, "vad_margin_db": float, "segments": list, "voice_ids": list,
+            "min_segment_seconds": float},
+)
+
+PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in (PROBE, IDENTIFY_LINES)}

@@ -1,28 +1,79 @@
-"""``dramaturg train SERVICE --config FILE``: fine-tune one service's model in the foreground."""
+"""``dramaturg train SERVICE --config FILE``: fine-tune one service's model in the foreground.
+
+The config names a recipe, a dataset and overrides::
+
+    recipe: ecapa-aam
+    dataset: ./data            # as written by `dramaturg data synth`, or your own data in that layout
+    output_model: my-speaker   # model-store name the best checkpoint is published under
+    overrides: {lr: 0.001, epochs: 5}
+
+The run goes through the same runner the Training RPCs use (a worker subprocess, checkpoints, crash
+resume, TensorBoard logs under $DRAMATURG_HOME/runs), with a progress bar; Ctrl-C cancels.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dramaturg.shared.service import SERVICES
-
-# Where each service keeps its training recipes (import path of a dict name → Recipe).
-RECIPES: dict[str, str | None] = {name: None for name in SERVICES if name != "gateway"}
+import yaml
+from dramaturg.shared.config import dramaturg_home
+from dramaturg.shared.service import RECIPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a service's model on your data")
     p.add_argument("service", choices=sorted(RECIPES))
-    p.add_argument("--config", help="recipe YAML: recipe, dataset, overrides, output_model")
+    p.add_argument("--config", help="YAML: recipe, dataset, output_model, overrides")
+    p.add_argument("--recipe", help="override the config's recipe")
+    p.add_argument("--dataset", help="override the config's dataset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one recipe key")
+    p.add_argument("--list-recipes", action="store_true", help="list the service's recipes and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not RECIPES.get(args.service):
+    path = RECIPES.get(args.service)
+    if not path:
         print(
             f"dramaturg train: training for the {args.service} service is not built yet (README: status)",
             file=sys.stderr,
         )
         return 2
-    raise AssertionError("unreachable until a service registers recipes")
+    from dramaturg.shared.store import ModelStore
+    from dramaturg.shared.training.runner import TrainingRunner
+
+    home = dramaturg_home()
+    runner = TrainingRunner(home, args.service, path, ModelStore(home))
+    if args.list_recipes:
+        for name, recipe in sorted(runner.recipes().items()):
+            print(f"{name:<20} {recipe.description}")
+        return 0
+    config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    overrides = dict(config.get("overrides") or {})
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            print(f"--set expects KEY=VALUE, got {pair!r}", file=sys.stderr)
+            return 2
+        overrides[key] = yaml.safe_load(value)
+    recipe = args.recipe or config.get("recipe")
+    dataset = args.dataset or config.get("dataset")
+    if not recipe or not dataset:
+        print(
+            "dramaturg train: name a recipe and a dataset (in --config or with --recipe/--dataset); "
+            f"recipes: {', '.join(sorted(runner.recipes()))}",
+            file=sys.stderr,
+        )
+        return 2
+    dataset = str(Path(dataset).expanduser().resolve())
+    record = runner.run_inline(
+        recipe,
+        dataset,
+        overrides,
+        output_model=config.get("output_model", ""),
+        base_model=config.get("base_model") or None,
+    )
+    runner.close()
+    return 0 if record.state == "SUCCEEDED" else 1

@@ -35,18 +35,13 @@ _RETRY_POLICY = json.dumps(
 )
 
 
-class _Metadata(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _Metadata:
     """Adds the bearer token and the current request id to every call."""
 
     def __init__(self, token: str | None) -> None:
         self.token = token
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = list(details.metadata or ())
         keys = {k for k, _ in metadata}
         if self.token and "authorization" not in keys:
@@ -58,17 +53,27 @@ class _Metadata(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files an interceptor under the first RPC shape it matches (an if/elif chain), so one
+# object implementing all four shapes would only see unary calls: one class per shape.
+class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return await continuation(self.details(details), request)
 
+
+class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return await continuation(self.details(details), request)
 
+
+class _StreamUnary(_Metadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self.details(details), request_iterator)
 
+
+class _StreamStream(_Metadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self.details(details), request_iterator)
 
 
 def open_channel(
@@ -84,7 +89,7 @@ def open_channel(
         ("grpc.service_config", _RETRY_POLICY),
         ("grpc.enable_retries", 1),
     ]
-    interceptors = [_Metadata(token)]
+    interceptors = [cls(token) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
     if tls_ca_file:
         creds = grpc.ssl_channel_credentials(Path(tls_ca_file).read_bytes())
         return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)

@@ -1,0 +1,20 @@
+"""Speaker service settings."""
+
+from __future__ import annotations
+
+from dramaturg.shared.model_service import ModelServiceSettings
+
+
+class SpeakerSettings(ModelServiceSettings):
+    # Utterances shorter than this are refused: embeddings of a few frames are noise.
+    min_seconds: float = 0.5
+    max_seconds: float = 600.0
+    max_inputs_per_request: int = 64
+    # Dynamic batching (shared/batching.py): items per batch, seconds of audio per batch, wait, queue bound.
+    max_batch_size: int = 32
+    max_batch_seconds: float = 240.0
+    max_wait_ms: float = 5.0
+    max_queue: int = 512
+    batching: bool = True
+    # Identify answers at most this many candidates per segment when the request says 0.
+    default_top_k: int = 5

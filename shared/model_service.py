@@ -1,0 +1,136 @@
+"""What every model service shares, written once: its store, loaded models, training runner, RPCs.
+
+A model service subclasses :class:`ModelService`, says how to load a store record (``load_model``)
+and which service-specific servicer it mounts (``service_registrations``); ModelRepository and
+Training come for free, the default model is loaded before health says SERVING, and runs that a
+crash interrupted resume when the service starts.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from dramaturg.common.v1 import common_pb2, common_pb2_grpc
+from dramaturg.shared.config import ServiceSettings, dramaturg_home
+from dramaturg.shared.grpc.errors import ServiceError
+from dramaturg.shared.grpc.server import Registration
+from dramaturg.shared.models import MODEL_REPOSITORY, ModelManager, ModelRepositoryServicer
+from dramaturg.shared.service import Service
+from dramaturg.shared.store import ModelRecord, ModelStore
+from dramaturg.training.v1 import training_pb2, training_pb2_grpc
+from pydantic import Field
+
+log = logging.getLogger(__name__)
+
+TRAINING = training_pb2.DESCRIPTOR.services_by_name["Training"].full_name
+
+
+class ModelServiceSettings(ServiceSettings):
+    """Settings every model service has."""
+
+    # Model served when a request names none: "name" or "name:version"; empty = the store's default.
+    default_model: str = ""
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
+    max_loaded_models: int = 2
+    max_concurrent_trainings: int = 1
+    # Roots under which AudioInput.uri may point (empty: URIs refused).
+    audio_uri_roots: list[str] = Field(default_factory=list)
+
+
+def pick_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelService(Service, abc.ABC):
+    """Base of the five model services."""
+
+    name: str
+    recipes_import_path: str
+
+    def __init__(self, settings: ModelServiceSettings, home: Path | None = None) -> None:
+        from dramaturg.shared.training.runner import TrainingRunner
+
+        self.settings = settings
+        self.home = home or dramaturg_home()
+        self.device = pick_device(settings.device)
+        self.store = ModelStore(self.home)
+        self.models: ModelManager[Any] = ModelManager(
+            self.name,
+            self.store,
+            self._load,
+            max_loaded=settings.max_loaded_models,
+            release=self.release_model,
+        )
+        self.runner = TrainingRunner(
+            self.home,
+            self.name,
+            self.recipes_import_path,
+            self.store,
+            max_concurrent=settings.max_concurrent_trainings,
+        )
+
+    # -- what a service provides ----------------------------------------------------------------
+    @abc.abstractmethod
+    def load_model(self, record: ModelRecord, device: str) -> Any:
+        """Load a store record onto ``device`` (runs in a worker thread)."""
+
+    @abc.abstractmethod
+    def service_registrations(self) -> list[Registration]:
+        """The service's own gRPC services (Speaker, Diarization, …)."""
+
+    def release_model(self, model: Any) -> None:
+        """Free what ``load_model`` took (GPU memory)."""
+
+    async def warm_up(self, model: Any) -> None:
+        """Run one tiny request so the first real one does not pay for lazy initialisation."""
+
+    # -- shared plumbing ---------------------------------------------------------------------------
+    def _load(self, record: ModelRecord) -> tuple[Any, str]:
+        return self.load_model(record, self.device), self.device
+
+    def registrations(self) -> list[Registration]:
+        from dramaturg.shared.training.servicer import TrainingServicer
+
+        return [
+            *self.service_registrations(),
+            Registration(
+                MODEL_REPOSITORY,
+                common_pb2_grpc.add_ModelRepositoryServicer_to_server,
+                ModelRepositoryServicer(self.models),
+            ),
+            Registration(
+                TRAINING,
+                training_pb2_grpc.add_TrainingServicer_to_server,
+                TrainingServicer(self.runner, on_activate=self._on_activate),
+            ),
+        ]
+
+    async def _on_activate(self, record: ModelRecord) -> common_pb2.ModelInfo:
+        loaded = await self.models.load(record.ref, make_default=True)
+        return self.models.info(loaded.record)
+
+    async def start(self) -> None:
+        try:
+            loaded = await self.models.load(self.settings.default_model, make_default=True)
+        except ServiceError as exc:
+            raise RuntimeError(
+                f"the {self.name} service has no model to serve ({exc.message}); train one with "
+                f"`make train-{self.name}` or `dramaturg train {self.name}`, or set default_model"
+            ) from exc
+        log.info("%s serving %s on %s", self.name, loaded.record.ref, loaded.device)
+        await self.warm_up(loaded.model)
+        recovered = await asyncio.to_thread(self.runner.recover)
+        if recovered:
+            log.info("resumed %d interrupted training run(s): %s", len(recovered), ", ".join(recovered))
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.runner.close)
+        await self.models.close()

@@ -1,0 +1,63 @@
+"""The CLI end to end: the embedded stack as real processes, a job through the gateway, and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tone_wav
+from dramaturg.shared.cli.main import main
+from dramaturg.shared.cli.stack import Stack, stack_file
+from dramaturg.shared.service import RECIPES, SERVICES
+
+CLI = [sys.executable, "-m", "dramaturg.shared.cli.main"]
+
+
+def run_cli(*args: str, home: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "DRAMATURG_HOME": str(home)}
+    result = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_up_submit_watch_down(dramaturg_home: Path, tmp_path: Path) -> None:
+    wav = tmp_path / "scene.wav"
+    wav.write_bytes(tone_wav(seconds=2.0))
+    run_cli("up", "--detach", "--port", "0", home=dramaturg_home)
+    try:
+        stack = Stack.load(stack_file(dramaturg_home))
+        assert "gateway" in [p.service for p in stack.processes]
+        token_file = Path(stack.token_file)
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        submitted = run_cli("job", "submit", str(wav), "--pipeline", "probe", "--watch", home=dramaturg_home)
+        job = json.loads(submitted.stdout)
+        assert job["state"] == "SUCCEEDED"
+        assert job["result"]["duration_seconds"] == pytest.approx(2.0, abs=0.01)
+        listed = run_cli("job", "list", home=dramaturg_home)
+        assert job["job_id"] in listed.stdout
+        bad = run_cli("job", "get", "nope", home=dramaturg_home, check=False)
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+        # without the token the gateway refuses
+        env_home = tmp_path / "other-home"
+        env_home.mkdir()
+        denied = run_cli("job", "--gateway", stack.gateway, "list", home=env_home, check=False)
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+    finally:
+        run_cli("down", home=dramaturg_home)
+    assert not stack_file(dramaturg_home).exists()
+
+
+@pytest.mark.parametrize("service", sorted(s for s, path in RECIPES.items() if not path))
+def test_train_for_unbuilt_services_says_so(service: str, capsys) -> None:
+    assert main(["train", service]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("service", sorted(s for s, target in SERVICES.items() if not target))
+def test_serve_for_unbuilt_services_says_so(service: str, capsys) -> None:
+    assert main(["serve", service]) == 2
+    assert "not built yet" in capsys.readouterr().err
