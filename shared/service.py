@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # Every service the platform knows, built or not; `dramaturg serve NAME` imports the factory.
 SERVICES: dict[str, str | None] = {
     "gateway": "dramaturg.services.gateway.server:create_service",
-    "speaker": None,
+    "speaker": "dramaturg.services.speaker.server:create_service",
     "diarization": None,
     "tts": None,
     "audiollm": None,

@@ -61,6 +61,14 @@ def stack_file(home: Path) -> Path:
     return home / "stack.json"
 
 
+def has_model(home: Path, service: str) -> bool:
+    """Whether the service has a model to serve (the store's default, or any version)."""
+    from dramaturg.shared.store import ModelStore
+
+    store = ModelStore(home)
+    return store.default(service) is not None or bool(store.list(service=service))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +126,9 @@ def start_stack(
     logs = home / "logs"
     try:
         for service in model_services():
+            if not has_model(home, service):
+                say(f"skipping {service}: no model in the store yet (train one: make train-{service})")
+                continue
             port, mport = free_port(), free_port()
             proc, log_path = _spawn(service, port, mport, None, logs, env)
             procs.append(proc)

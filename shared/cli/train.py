@@ -21,6 +21,8 @@ import yaml
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.service import RECIPES
 
+SYNTHETIC = "synthetic"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a service's model on your data")
@@ -67,13 +69,32 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if dataset == SYNTHETIC:
+        dataset = str(synthetic_dataset(home, config.get("synth") or {}))
     dataset = str(Path(dataset).expanduser().resolve())
-    record = runner.run_inline(
-        recipe,
-        dataset,
-        overrides,
-        output_model=config.get("output_model", ""),
-        base_model=config.get("base_model") or None,
-    )
+    record = runner.run_inline(recipe, dataset, overrides, output_model=config.get("output_model", ""),
+                               base_model=config.get("base_model") or None)
     runner.close()
-    return 0 if record.state == "SUCCEEDED" else 1
+    if record.state != "SUCCEEDED":
+        return 1
+    store = ModelStore(home)
+    if record.published_model and store.default(args.service) is None:
+        store.set_default(args.service, record.published_model.partition(":")[0])
+        print(f"{record.published_model} is now the {args.service} service's default model")
+    return 0
+
+
+def synthetic_dataset(home: Path, synth: dict) -> Path:
+    """``dataset: synthetic`` in a recipe config: a corpus from ``synth:`` settings, made once and reused."""
+    import hashlib
+    import json
+
+    from dramaturg.shared.data.synth import SynthConfig, synthesize_corpus
+
+    config = SynthConfig(**synth)
+    key = hashlib.sha256(json.dumps(config.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+    out = home / "corpora" / f"synth-{key}"
+    if not (out / "manifest.json").exists():
+        print(f"generating a synthetic corpus in {out} ({config.num_speakers} speakers) …")
+        synthesize_corpus(out, config, overwrite=True)
+    return out
