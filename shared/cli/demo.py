@@ -72,20 +72,60 @@ def detection_report(reference: list[dict[str, Any]], segments: list[list[float]
     return {k: round(float(v), 4) for k, v in components.items()}
 
 
-async def run_job(gateway: str, token: str, wav: Path) -> gateway_pb2.Job:
+def script_lines(corpus: Path, uri: str) -> list[dict[str, Any]]:
+    """The scene's script with timecodes, as the generator wrote it (who really speaks each line)."""
+    path = corpus / "diarization" / "lab" / f"{uri}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ensure_speaker_model(home: Path) -> None:
+    """The speaker stage needs a trained model: train the CPU recipe once if the store has none."""
+    from dramaturg.shared.cli import train
+    from dramaturg.shared.cli.stack import has_model
+    from dramaturg.shared.service import RECIPES
+
+    if not RECIPES.get("speaker") or has_model(home, "speaker"):
+        return
+    config = Path(__file__).resolve().parents[2] / "services" / "speaker" / "recipes" / "cpu-quick.yaml"
+    console.print(f"     no speaker model yet: training the embedded default ({config.name}, minutes on CPU)")
+    args = argparse.Namespace(service="speaker", config=str(config), recipe=None, dataset=None, set=[],
+                              list_recipes=False)
+    if train.run(args) != 0:
+        raise SystemExit("training the demo's speaker model failed; see the run's worker.log above")
+
+
+async def enroll_cast(target: str, corpus: Path) -> dict[str, str]:
+    """Enroll every character from their reference lines (the cast list the generator wrote)."""
+    from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
+
+    cast = json.loads((corpus / "speaker" / "enroll" / "cast.json").read_text())["speakers"]
+    names = {}
+    channel = open_channel(target)
+    try:
+        stub = speaker_pb2_grpc.SpeakerStub(channel)
+        for person in cast:
+            audio = [audio_input(corpus / "speaker" / "enroll" / e["path"]) for e in person["enroll"]]
+            request = speaker_pb2.EnrollRequest(voice_id=person["speaker_id"], display_name=person["name"],
+                                                audio=audio, overwrite=True)
+            await stub.Enroll(request, timeout=120)
+            names[person["speaker_id"]] = person["name"]
+    finally:
+        await channel.close()
+    return names
+
+
+async def run_job(gateway: str, token: str, wav: Path, pipeline: str,
+                  params: dict[str, Any]) -> gateway_pb2.Job:
     channel = open_channel(gateway, token=token)
     try:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         pipelines = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=10)
         names = [p.name for p in pipelines.pipelines]
-        pipeline = "probe"
         console.print(f"gateway offers pipelines: {', '.join(names)} → running [bold]{pipeline}[/]")
-        job = await stub.SubmitJob(
-            gateway_pb2.SubmitJobRequest(
-                pipeline=pipeline, audio=audio_input(wav), request_id=f"demo-{time.time()}"
-            ),
-            timeout=60,
-        )
+        request = gateway_pb2.SubmitJobRequest(pipeline=pipeline, audio=audio_input(wav),
+                                               request_id=f"demo-{time.time()}")
+        request.params.update(params)
+        job = await stub.SubmitJob(request, timeout=60)
         console.print(f"submitted job [bold]{job.job_id}[/]")
         return await watch_job(stub, job.job_id)
     finally:
@@ -100,12 +140,16 @@ def run(args: argparse.Namespace) -> int:
     uri = (corpus / "diarization" / "lists" / "test.lst").read_text().split()[0]
     wav = corpus / "diarization" / "wav" / f"{uri}.wav"
     console.print("[bold]2/4[/] starting the embedded stack (gateway + built services, CPU, loopback) …")
+    ensure_speaker_model(home)
     stack, _ = start_stack(home, say=lambda m: console.print(f"  {m}"))
     try:
         console.print(describe(stack))
-        console.print(f"[bold]3/4[/] submitting scene {uri} ({wav}) to the gateway")
         token = Path(stack.token_file).read_text().strip()
-        job = asyncio.run(run_job(stack.gateway, token, wav))
+        speaker = next((p for p in stack.processes if p.service == "speaker"), None)
+        if speaker is not None:
+            return identify_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
+        console.print(f"[bold]3/4[/] submitting scene {uri} ({wav}) to the gateway")
+        job = asyncio.run(run_job(stack.gateway, token, wav, "probe", {}))
         console.print(stage_table(job))
         if job.state != gateway_pb2.SUCCEEDED:
             console.print(f"[red]job failed:[/] {job.error}")
@@ -140,6 +184,48 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_stack(home)
         console.print("stack stopped")
+
+
+def identify_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str, wav: Path,
+                  args: argparse.Namespace) -> int:
+    """Enroll the cast, then ask the gateway who speaks each line of a scene it has never heard."""
+    console.print("[bold]3/4[/] enrolling the cast from their reference lines (speaker service)")
+    names = asyncio.run(enroll_cast(speaker, corpus))
+    console.print("     " + ", ".join(f"{n} ({v})" for v, n in names.items()))
+    lines = script_lines(corpus, uri)
+    console.print(f"[bold]4/4[/] who speaks each of the {len(lines)} lines of scene {uri}? (a gateway job)")
+    params = {"segments": [[round(x["start"], 3), round(x["end"], 3)] for x in lines],
+              "min_segment_seconds": 0.5}
+    job = asyncio.run(run_job(gateway, token, wav, "identify_lines", params))
+    console.print(stage_table(job))
+    if job.state != gateway_pb2.SUCCEEDED:
+        console.print(f"[red]job failed:[/] {job.error}")
+        return 1
+    result = json_format.MessageToDict(job.result)
+    found = {(round(r["start"], 2), round(r["end"], 2)): r for r in result["lines"]}
+    table = Table(title=f"scene {uri}: labelled script (model {result['model']}, "
+                        f"threshold {result['threshold']})")
+    for col in ("time", "line", "spoken by", "identified as", "score", ""):
+        table.add_column(col)
+    right = total = 0
+    for line in lines:
+        when = f"{line['start']:.1f}–{line['end']:.1f}"
+        r = found.get((round(line["start"], 2), round(line["end"], 2)))
+        if r is None:
+            table.add_row(when, line["text"][:40], line["name"], "(too short)", "", "")
+            continue
+        guess = r["voice_id"] or r["best_candidate"]
+        ok = guess == line["speaker"]
+        right, total = right + ok, total + 1
+        shown = names.get(guess, guess) + ("" if r["voice_id"] else " (below threshold)")
+        table.add_row(when, line["text"][:40], line["name"], shown, f"{r['score']:.2f}",
+                      "[green]✓[/]" if ok else "[red]✗[/]")
+    console.print(table)
+    console.print(f"identified {right}/{total} lines correctly ({right / max(total, 1):.0%})")
+    if args.json:
+        summary = {"job_id": job.job_id, "result": result, "accuracy": right / max(total, 1)}
+        print(json.dumps(summary, indent=2))
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

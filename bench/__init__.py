@@ -1,0 +1,1 @@
+"""Side-by-side performance ratios: each benchmark runs the service and the library it wraps in one run."""
