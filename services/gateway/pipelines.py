@@ -87,7 +87,12 @@ class PipelineSpec:
                     f"params.{key}", f"unknown parameter for pipeline {self.name!r}; known: {known}"
                 )
             expected = self.params[key]
-            ok = isinstance(value, expected) or (expected is float and isinstance(value, int | float))
+            # protobuf Struct carries every number as a double: 3.0 is a valid int parameter
+            ok = (
+                (isinstance(value, expected) and not isinstance(value, bool))
+                or (expected is float and isinstance(value, int))
+                or (expected is int and isinstance(value, float) and value.is_integer())
+            )
             if not ok:
                 raise invalid_argument(
                     f"params.{key}", f"expected {expected.__name__}, got {type(value).__name__}"
@@ -206,8 +211,9 @@ def _segments(ctx: StageContext) -> list[list[float]]:
         segments = []
         for i, seg in enumerate(given):
             if not (isinstance(seg, list) and len(seg) == 2 and all(isinstance(x, int | float) for x in seg)):
-                raise invalid_argument(f"params.segments[{i}]",
-                                       "each segment is [start_seconds, end_seconds]")
+                raise invalid_argument(
+                    f"params.segments[{i}]", "each segment is [start_seconds, end_seconds]"
+                )
             if not 0 <= seg[0] < seg[1]:
                 raise invalid_argument(f"params.segments[{i}]", "needs 0 ≤ start < end")
             segments.append([float(seg[0]), float(seg[1])])
@@ -224,7 +230,9 @@ async def identify_stage(ctx: StageContext) -> dict[str, Any]:
     usable = [s for s in segments if s[1] - s[0] >= min_seconds]
     audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes())
     request = speaker_pb2.IdentifyRequest(
-        request_id=ctx.job_id, audio=audio, top_k=3,
+        request_id=ctx.job_id,
+        audio=audio,
+        top_k=3,
         segments=[common_pb2.TimeSpan(start=a, end=b) for a, b in usable],
         voice_ids=[str(v) for v in ctx.params.get("voice_ids", [])],
     )
@@ -233,14 +241,22 @@ async def identify_stage(ctx: StageContext) -> dict[str, Any]:
     lines = []
     for result in reply.results:
         best = result.candidates[0] if result.candidates else None
-        lines.append({
-            "start": round(result.span.start, 3), "end": round(result.span.end, 3),
-            "voice_id": result.voice_id, "best_candidate": best.voice_id if best else "",
-            "score": round(best.score, 4) if best else 0.0,
-        })
+        lines.append(
+            {
+                "start": round(result.span.start, 3),
+                "end": round(result.span.end, 3),
+                "voice_id": result.voice_id,
+                "best_candidate": best.voice_id if best else "",
+                "score": round(best.score, 4) if best else 0.0,
+            }
+        )
     await ctx.report(1.0, f"identified {len(lines)} lines")
-    return {"lines": lines, "skipped_short": len(segments) - len(usable),
-            "model": f"{reply.model.name}:{reply.model.version}", "threshold": round(reply.threshold, 4)}
+    return {
+        "lines": lines,
+        "skipped_short": len(segments) - len(usable),
+        "model": f"{reply.model.name}:{reply.model.version}",
+        "threshold": round(reply.threshold, 4),
+    }
 
 
 def _identify_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -250,16 +266,159 @@ def _identify_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 IDENTIFY_LINES = PipelineSpec(
     name="identify_lines",
     description="Who speaks each line: decode, find speech (or take the script's line timings), "
-                "identify each line against the voices enrolled in the speaker service.",
+    "identify each line against the voices enrolled in the speaker service.",
     stages=(
         StageSpec("decode", decode_stage, timeout_seconds=120),
         StageSpec("activity", activity_stage, depends_on=("decode",), timeout_seconds=120),
-        StageSpec("identify", identify_stage, service="speaker", depends_on=("decode", "activity"),
-                  timeout_seconds=300),
+        StageSpec(
+            "identify",
+            identify_stage,
+            service="speaker",
+            depends_on=("decode", "activity"),
+            timeout_seconds=300,
+        ),
     ),
     result=_identify_result,
-    params={"max_seconds": float, "vad_margin_db": float, "segments": list, "voice_ids": list,
-            "min_segment_seconds": float},
+    params={
+        "max_seconds": float,
+        "vad_margin_db": float,
+        "segments": list,
+        "voice_ids": list,
+        "min_segment_seconds": float,
+    },
 )
 
-PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in (PROBE, IDENTIFY_LINES)}
+# ---------------------------------------------------------------------------------------------------
+# analyze_scene: who spoke when (diarization), then who each speaker is (speaker identification).
+
+
+async def diarize_stage(ctx: StageContext) -> dict[str, Any]:
+    """Diarization.Diarize on the decoded scene: turns, exclusive turns and RTTM."""
+    from dramaturg.diarization.v1 import diarization_pb2, diarization_pb2_grpc
+
+    audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes())
+    hints = diarization_pb2.DiarizationConfig(
+        num_speakers=int(ctx.params.get("num_speakers", 0)),
+        min_speakers=int(ctx.params.get("min_speakers", 0)),
+        max_speakers=int(ctx.params.get("max_speakers", 0)),
+    )
+    request = diarization_pb2.DiarizeRequest(
+        request_id=ctx.job_id, audio=audio, config=hints, uri=str(ctx.params.get("uri", ctx.job_id))
+    )
+    remaining = max(ctx.deadline - time.monotonic(), 0.1)
+    reply = await diarization_pb2_grpc.DiarizationStub(ctx.channel("diarization")).Diarize(
+        request, timeout=remaining
+    )
+
+    def turns(items) -> list[dict[str, Any]]:
+        return [
+            {
+                "start": round(t.span.start, 3),
+                "end": round(t.span.end, 3),
+                "speaker": t.speaker,
+                "confidence": round(t.confidence, 4),
+            }
+            for t in items
+        ]
+
+    await ctx.report(1.0, f"{len(reply.speakers)} speakers, {len(reply.turns)} turns")
+    return {
+        "turns": turns(reply.turns),
+        "exclusive_turns": turns(reply.exclusive_turns),
+        "rttm": reply.rttm,
+        "speakers": list(reply.speakers),
+        "model": f"{reply.model.name}:{reply.model.version}",
+    }
+
+
+async def identify_turns_stage(ctx: StageContext) -> dict[str, Any]:
+    """Identify every exclusive turn, then name each diarized speaker by the votes of its turns."""
+    from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
+
+    min_seconds = float(ctx.params.get("min_segment_seconds", 0.5))
+    turns = ctx.inputs["diarize"]["exclusive_turns"]
+    usable = [t for t in turns if t["end"] - t["start"] >= min_seconds]
+    votes: dict[str, dict[str, float]] = {}
+    identified: dict[tuple[float, float], tuple[str, float]] = {}
+    if usable:
+        audio = common_pb2.AudioInput(
+            encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes()
+        )
+        request = speaker_pb2.IdentifyRequest(
+            request_id=ctx.job_id,
+            audio=audio,
+            top_k=1,
+            segments=[common_pb2.TimeSpan(start=t["start"], end=t["end"]) for t in usable],
+            voice_ids=[str(v) for v in ctx.params.get("voice_ids", [])],
+        )
+        remaining = max(ctx.deadline - time.monotonic(), 0.1)
+        reply = await speaker_pb2_grpc.SpeakerStub(ctx.channel("speaker")).Identify(
+            request, timeout=remaining
+        )
+        for turn, result in zip(usable, reply.results, strict=True):
+            best = result.candidates[0] if result.candidates else None
+            if best is None:
+                continue
+            identified[(turn["start"], turn["end"])] = (result.voice_id, best.score)
+            if result.voice_id:  # only confident identifications vote, weighted by duration
+                tally = votes.setdefault(turn["speaker"], {})
+                tally[result.voice_id] = tally.get(result.voice_id, 0.0) + (turn["end"] - turn["start"])
+    names = {label: max(tally, key=tally.get) for label, tally in votes.items()}
+    script = []
+    for turn in turns:
+        voice, score = identified.get((turn["start"], turn["end"]), ("", 0.0))
+        script.append(
+            {
+                **turn,
+                "voice_id": names.get(turn["speaker"], ""),
+                "turn_voice_id": voice,
+                "score": round(score, 4),
+            }
+        )
+    await ctx.report(
+        1.0, f"named {len(names)} of {len(votes) or len({t['speaker'] for t in turns})} speakers"
+    )
+    return {"speaker_names": names, "script": script}
+
+
+def _scene_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    diarized = outputs["diarize"]
+    return {
+        "duration_seconds": outputs["decode"]["duration_seconds"],
+        "rttm": diarized["rttm"],
+        "speakers": diarized["speakers"],
+        "diarization_model": diarized["model"],
+        **outputs["identify"],
+    }
+
+
+ANALYZE_SCENE = PipelineSpec(
+    name="analyze_scene",
+    description="Who spoke when and who they are: decode → diarize (diarization service) → identify each "
+    "speaker against the enrolled voices (speaker service) → a labelled script.",
+    stages=(
+        StageSpec("decode", decode_stage, timeout_seconds=120),
+        StageSpec(
+            "diarize", diarize_stage, service="diarization", depends_on=("decode",), timeout_seconds=1800
+        ),
+        StageSpec(
+            "identify",
+            identify_turns_stage,
+            service="speaker",
+            depends_on=("decode", "diarize"),
+            timeout_seconds=600,
+        ),
+    ),
+    result=_scene_result,
+    params={
+        "max_seconds": float,
+        "num_speakers": int,
+        "min_speakers": int,
+        "max_speakers": int,
+        "uri": str,
+        "voice_ids": list,
+        "min_segment_seconds": float,
+    },
+)
+
+PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in (PROBE, IDENTIFY_LINES, ANALYZE_SCENE)}
