@@ -348,3 +348,55 @@ def test_pending_queue_is_bounded(dramaturg_home: Path) -> None:
         detail = details_from_error(full.value)
         assert detail.code == grpc.StatusCode.RESOURCE_EXHAUSTED and detail.retry_after_seconds
         gate.release.set()
+
+
+def test_tls_when_certificates_are_configured(dramaturg_home: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from dramaturg.shared.config import ServerSettings
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = ServerSettings(port=0, drain_notice_seconds=0, tls_cert_file=str(cert), tls_key_file=str(key))
+    service = GatewayService(GatewaySettings(api_token=TOKEN, server=server), home=dramaturg_home)
+    with ServerThread(service, server) as srv:
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{srv.port}", creds) as channel:
+            reply = gateway_pb2_grpc.GatewayStub(channel).ListPipelines(
+                gateway_pb2.ListPipelinesRequest(), metadata=AUTH, timeout=10
+            )
+            assert "probe" in [p.name for p in reply.pipelines]
+        with grpc.insecure_channel(srv.target) as plain, pytest.raises(grpc.RpcError) as refused:
+            gateway_pb2_grpc.GatewayStub(plain).ListPipelines(
+                gateway_pb2.ListPipelinesRequest(), metadata=AUTH, timeout=5
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_reflection_lists_the_gateway_and_health(dramaturg_home: Path) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with ServerThread(gateway(dramaturg_home)) as srv, grpc.insecure_channel(srv.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"dramaturg.gateway.v1.Gateway", "grpc.health.v1.Health"} <= services

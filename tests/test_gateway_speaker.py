@@ -32,8 +32,10 @@ def test_identify_lines_through_the_gateway(dramaturg_home: Path) -> None:
             for voice_id, clip in (("alice", a), ("bob", b)):
                 stub.Enroll(speaker_pb2.EnrollRequest(voice_id=voice_id, audio=[wav(clip)]), timeout=60)
         settings = GatewaySettings(api_token="t", services={"speaker": speaker.target})
-        with ServerThread(GatewayService(settings, home=dramaturg_home)) as gw, \
-                grpc.insecure_channel(gw.target) as channel:
+        with (
+            ServerThread(GatewayService(settings, home=dramaturg_home)) as gw,
+            grpc.insecure_channel(gw.target) as channel,
+        ):
             stub = gateway_pb2_grpc.GatewayStub(channel)
             request = gateway_pb2.SubmitJobRequest(pipeline="identify_lines", audio=wav(scene))
             request.params.update({"segments": [[1.0, 3.0], [4.0, 6.0], [7.0, 7.2]]})
@@ -54,17 +56,22 @@ def test_identify_lines_through_the_gateway(dramaturg_home: Path) -> None:
 def test_a_stage_whose_service_is_down_fails_after_retries(dramaturg_home: Path) -> None:
     from dramaturg.shared.cli.stack import free_port
 
-    settings = GatewaySettings(api_token="t", services={"speaker": f"127.0.0.1:{free_port()}"},
-                               retry_base_seconds=0.05)
-    with ServerThread(GatewayService(settings, home=dramaturg_home)) as gw, \
-            grpc.insecure_channel(gw.target) as channel:
+    settings = GatewaySettings(
+        api_token="t", services={"speaker": f"127.0.0.1:{free_port()}"}, retry_base_seconds=0.05
+    )
+    with (
+        ServerThread(GatewayService(settings, home=dramaturg_home)) as gw,
+        grpc.insecure_channel(gw.target) as channel,
+    ):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         request = gateway_pb2.SubmitJobRequest(pipeline="identify_lines", audio=wav(voice(1, seconds=2.0)))
         request.params.update({"segments": [[0.0, 2.0]]})
         job = stub.SubmitJob(request, metadata=AUTH, timeout=30)
         deadline = time.monotonic() + 120
         while (job := stub.GetJob(gateway_pb2.GetJobRequest(job_id=job.job_id), metadata=AUTH)).state not in (
-                gateway_pb2.SUCCEEDED, gateway_pb2.FAILED):
+            gateway_pb2.SUCCEEDED,
+            gateway_pb2.FAILED,
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert job.state == gateway_pb2.FAILED

@@ -10,9 +10,6 @@ import grpc
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import ServerThread
-from prometheus_client import REGISTRY
-
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
 from dramaturg.services.speaker.config import SpeakerSettings
 from dramaturg.services.speaker.model import SpeakerEncoder, SpeakerEncoderConfig, build_encoder
@@ -20,6 +17,8 @@ from dramaturg.services.speaker.server import SpeakerService
 from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.store import ModelStore
 from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
+from helpers import ServerThread
+from prometheus_client import REGISTRY
 
 RATE = 16_000
 
@@ -57,8 +56,10 @@ def publish_tiny(home: Path, name: str = "tiny", seed: int = 0, default: bool = 
 def service(dramaturg_home: Path):
     publish_tiny(dramaturg_home)
     settings = SpeakerSettings(min_seconds=0.5, max_wait_ms=20.0)
-    with ServerThread(SpeakerService(settings, home=dramaturg_home)) as srv, \
-            grpc.insecure_channel(srv.target) as channel:
+    with (
+        ServerThread(SpeakerService(settings, home=dramaturg_home)) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
         yield srv, speaker_pb2_grpc.SpeakerStub(channel), channel
 
 
@@ -89,8 +90,12 @@ def test_enroll_verify_identify_round_trip(service) -> None:
     _, stub, _ = service
     a, b = voice(1, seconds=2.0), voice(5, seconds=2.0, f0=220.0)
     for voice_id, clip in (("alice", a), ("bob", b)):
-        enrolled = stub.Enroll(speaker_pb2.EnrollRequest(voice_id=voice_id, display_name=voice_id.title(),
-                                                         audio=[wav(clip)], labels={"cast": "demo"}), timeout=60)
+        enrolled = stub.Enroll(
+            speaker_pb2.EnrollRequest(
+                voice_id=voice_id, display_name=voice_id.title(), audio=[wav(clip)], labels={"cast": "demo"}
+            ),
+            timeout=60,
+        )
         assert enrolled.voice.num_utterances == 1 and enrolled.voice.total_seconds == pytest.approx(2.0)
         assert enrolled.voice.model.name == "tiny"
     listed = stub.ListVoices(speaker_pb2.ListVoicesRequest(), timeout=10)
@@ -124,33 +129,72 @@ def test_voices_survive_a_restart(dramaturg_home: Path) -> None:
             if attempt == 0:
                 stub.Enroll(speaker_pb2.EnrollRequest(voice_id="carol", audio=[wav(voice(3))]), timeout=60)
             else:
-                assert [v.voice_id for v in stub.ListVoices(speaker_pb2.ListVoicesRequest()).voices] == ["carol"]
+                assert [v.voice_id for v in stub.ListVoices(speaker_pb2.ListVoicesRequest()).voices] == [
+                    "carol"
+                ]
 
 
 def test_bad_requests(service) -> None:
     _, stub, _ = service
     ok = wav(voice(1))
     cases = [
-        (lambda: stub.Embed(speaker_pb2.EmbedRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "audio"),
-        (lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[ok, common_pb2.AudioInput(content=b"junk" * 100)]),
-                            timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "audio[1]"),
-        (lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[wav(voice(1, seconds=0.2))]), timeout=10),
-         grpc.StatusCode.INVALID_ARGUMENT, "audio[0]"),
-        (lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[wav(np.zeros(RATE, np.float32))]), timeout=10),
-         grpc.StatusCode.INVALID_ARGUMENT, "audio[0]"),
-        (lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[ok], model=common_pb2.ModelRef(name="nope")),
-                            timeout=10), grpc.StatusCode.NOT_FOUND, None),
-        (lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[ok], model=common_pb2.ModelRef(name="tiny",
-                                                                                           version="v9")),
-                            timeout=10), grpc.StatusCode.NOT_FOUND, None),
-        (lambda: stub.Verify(speaker_pb2.VerifyRequest(voice_id="ghost", test_audio=ok), timeout=10),
-         grpc.StatusCode.NOT_FOUND, None),
-        (lambda: stub.Verify(speaker_pb2.VerifyRequest(test_audio=ok), timeout=10),
-         grpc.StatusCode.INVALID_ARGUMENT, "reference"),
-        (lambda: stub.Enroll(speaker_pb2.EnrollRequest(voice_id="no spaces!", audio=[ok]), timeout=10),
-         grpc.StatusCode.INVALID_ARGUMENT, "voice_id"),
-        (lambda: stub.Identify(speaker_pb2.IdentifyRequest(audio=ok), timeout=10),
-         grpc.StatusCode.FAILED_PRECONDITION, None),
+        (
+            lambda: stub.Embed(speaker_pb2.EmbedRequest(), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio",
+        ),
+        (
+            lambda: stub.Embed(
+                speaker_pb2.EmbedRequest(audio=[ok, common_pb2.AudioInput(content=b"junk" * 100)]), timeout=30
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio[1]",
+        ),
+        (
+            lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[wav(voice(1, seconds=0.2))]), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio[0]",
+        ),
+        (
+            lambda: stub.Embed(speaker_pb2.EmbedRequest(audio=[wav(np.zeros(RATE, np.float32))]), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio[0]",
+        ),
+        (
+            lambda: stub.Embed(
+                speaker_pb2.EmbedRequest(audio=[ok], model=common_pb2.ModelRef(name="nope")), timeout=10
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            None,
+        ),
+        (
+            lambda: stub.Embed(
+                speaker_pb2.EmbedRequest(audio=[ok], model=common_pb2.ModelRef(name="tiny", version="v9")),
+                timeout=10,
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            None,
+        ),
+        (
+            lambda: stub.Verify(speaker_pb2.VerifyRequest(voice_id="ghost", test_audio=ok), timeout=10),
+            grpc.StatusCode.NOT_FOUND,
+            None,
+        ),
+        (
+            lambda: stub.Verify(speaker_pb2.VerifyRequest(test_audio=ok), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "reference",
+        ),
+        (
+            lambda: stub.Enroll(speaker_pb2.EnrollRequest(voice_id="no spaces!", audio=[ok]), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "voice_id",
+        ),
+        (
+            lambda: stub.Identify(speaker_pb2.IdentifyRequest(audio=ok), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            None,
+        ),
     ]
     for call, expected, field_path in cases:
         code, message, violations = error(call)
@@ -159,14 +203,20 @@ def test_bad_requests(service) -> None:
         if field_path:
             assert violations and violations[0][0].startswith(field_path), violations
     stub.Enroll(speaker_pb2.EnrollRequest(voice_id="dave", audio=[ok]), timeout=30)
-    code, message, _ = error(lambda: stub.Enroll(speaker_pb2.EnrollRequest(voice_id="dave", audio=[ok]),
-                                                 timeout=10))
+    code, message, _ = error(
+        lambda: stub.Enroll(speaker_pb2.EnrollRequest(voice_id="dave", audio=[ok]), timeout=10)
+    )
     assert code == grpc.StatusCode.ALREADY_EXISTS and "overwrite" in message
     stub.Enroll(speaker_pb2.EnrollRequest(voice_id="dave", audio=[ok, ok], overwrite=True), timeout=30)
-    for span, hint in ((common_pb2.TimeSpan(start=0.0, end=0.2), "too short"),
-                       (common_pb2.TimeSpan(start=1.0, end=9.0), "")):
+    for span, hint in (
+        (common_pb2.TimeSpan(start=0.0, end=0.2), "too short"),
+        (common_pb2.TimeSpan(start=1.0, end=9.0), ""),
+    ):
         code, message, violations = error(
-            lambda span=span: stub.Identify(speaker_pb2.IdentifyRequest(audio=ok, segments=[span]), timeout=10))
+            lambda span=span: stub.Identify(
+                speaker_pb2.IdentifyRequest(audio=ok, segments=[span]), timeout=10
+            )
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and violations[0][0].startswith("segments[0]")
         assert hint in message
 
@@ -176,8 +226,11 @@ def test_voices_of_another_model_are_refused(service, dramaturg_home: Path) -> N
     stub.Enroll(speaker_pb2.EnrollRequest(voice_id="erin", audio=[wav(voice(4))]), timeout=30)
     publish_tiny(dramaturg_home, name="other", seed=1, default=False)
     other = common_pb2.ModelRef(name="other")
-    code, message, _ = error(lambda: stub.Verify(
-        speaker_pb2.VerifyRequest(model=other, voice_id="erin", test_audio=wav(voice(4))), timeout=30))
+    code, message, _ = error(
+        lambda: stub.Verify(
+            speaker_pb2.VerifyRequest(model=other, voice_id="erin", test_audio=wav(voice(4))), timeout=30
+        )
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "tiny:v1" in message
 
 
@@ -187,17 +240,24 @@ def test_model_repository(service, dramaturg_home: Path) -> None:
     listed = repo.ListModels(common_pb2.ListModelsRequest(), timeout=10)
     assert [(m.ref.name, m.loaded, m.is_default) for m in listed.models] == [("tiny", True, True)]
     publish_tiny(dramaturg_home, name="other", seed=1, default=False)
-    loaded = repo.LoadModel(common_pb2.LoadModelRequest(model=common_pb2.ModelRef(name="other"),
-                                                        make_default=True), timeout=60)
+    loaded = repo.LoadModel(
+        common_pb2.LoadModelRequest(model=common_pb2.ModelRef(name="other"), make_default=True), timeout=60
+    )
     assert loaded.model.loaded and loaded.model.is_default and loaded.model.device == "cpu"
     infos = {m.ref.name: m for m in repo.ListModels(common_pb2.ListModelsRequest(loaded_only=True)).models}
     assert set(infos) == {"tiny", "other"} and infos["other"].is_default and not infos["tiny"].is_default
     repo.UnloadModel(common_pb2.UnloadModelRequest(model=common_pb2.ModelRef(name="tiny")), timeout=10)
-    code, _, _ = error(lambda: repo.UnloadModel(
-        common_pb2.UnloadModelRequest(model=common_pb2.ModelRef(name="tiny")), timeout=10))
+    code, _, _ = error(
+        lambda: repo.UnloadModel(
+            common_pb2.UnloadModelRequest(model=common_pb2.ModelRef(name="tiny")), timeout=10
+        )
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    code, _, _ = error(lambda: repo.LoadModel(
-        common_pb2.LoadModelRequest(model=common_pb2.ModelRef(name="missing")), timeout=10))
+    code, _, _ = error(
+        lambda: repo.LoadModel(
+            common_pb2.LoadModelRequest(model=common_pb2.ModelRef(name="missing")), timeout=10
+        )
+    )
     assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -220,3 +280,16 @@ def test_service_without_a_model_says_how_to_get_one(dramaturg_home: Path) -> No
     service = SpeakerService(SpeakerSettings(), home=dramaturg_home)
     with pytest.raises(RuntimeError, match="make train-speaker"), ServerThread(service):
         pass
+
+
+def test_reflection_lists_speaker_models_and_training(service) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    _, _, channel = service
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {
+        "dramaturg.speaker.v1.Speaker",
+        "dramaturg.common.v1.ModelRepository",
+        "dramaturg.training.v1.Training",
+        "grpc.health.v1.Health",
+    } <= services
