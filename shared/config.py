@@ -54,10 +54,11 @@ class ServiceSettings(BaseModel):
 
 
 def _env_overrides(prefix: str) -> dict[str, Any]:
-    """``DRAMATURG_SERVER__PORT=9000`` → ``{"server": {"port": "9000"}}`` (pydantic coerces types)."""
+    """``<PREFIX>SERVER__PORT=9000`` → ``{"server": {"port": "9000"}}``, ``<PREFIX>DEVICE=cuda`` →
+    ``{"device": "cuda"}`` (pydantic coerces types; an unknown key fails validation: typos are caught)."""
     out: dict[str, Any] = {}
     for key, value in os.environ.items():
-        if not key.startswith(prefix) or "__" not in key[len(prefix) :]:
+        if not key.startswith(prefix) or len(key) == len(prefix):
             continue
         path = key[len(prefix) :].lower().split("__")
         node = out
@@ -81,7 +82,7 @@ def load_settings(
     cls: type[T],
     path: str | Path | None = None,
     *,
-    env_prefix: str = "DRAMATURG_",
+    env_prefix: str,
     overrides: dict[str, Any] | None = None,
 ) -> T:
     """Defaults ← YAML file ← environment ← explicit overrides (e.g. CLI flags)."""

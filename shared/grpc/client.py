@@ -19,6 +19,8 @@ from dramaturg.shared.logs import request_id_var
 
 _RETRY_POLICY = json.dumps(
     {
+        # round_robin: a headless Service resolves to every pod, so replicas an autoscaler adds get traffic
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],
