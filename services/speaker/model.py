@@ -138,8 +138,7 @@ class SpeakerEncoderConfig(PretrainedConfig):
     * ``backbone``: a ``Wav2Vec2Config`` dict; ``pretrained_backbone``: where :func:`build_encoder`
       takes weights from (hub id or local path); ``freeze_feature_encoder`` keeps the CNN fixed.
     * ``layerdrop`` … ``mask_time_prob``: ablation switches written onto the backbone config.
-    * ``n_mels``, ``f_min``/``f_max`` (the filterbank's band: a narrower band ignores what differs
-      between microphones), ``lobe`` (speechbrain constructor kwargs), ``mean_norm``/``std_norm`` (per-utterance
+    * ``n_mels``, ``lobe`` (speechbrain constructor kwargs), ``mean_norm``/``std_norm`` (per-utterance
       feature normalisation), ``conv_padding`` (``"zeros"``: exact batching; ``"reflect"``:
       speechbrain's own), ``pretrained_lobe`` (e.g. ``speechbrain/spkrec-ecapa-voxceleb``).
     * ``threshold``: cosine score above which two utterances are the same speaker, set to the EER
@@ -163,8 +162,6 @@ class SpeakerEncoderConfig(PretrainedConfig):
     feat_proj_dropout: float | None = None
     mask_time_prob: float | None = None
     n_mels: int = 40
-    f_min: float = 0.0
-    f_max: float | None = None
     lobe: dict[str, Any] | None = None
     mean_norm: bool = True
     std_norm: bool = False
@@ -318,9 +315,7 @@ class SpeakerEncoder(PreTrainedModel):
             self.frame_size = hidden
             self.embedding_size = config.embedding_dim or pooled
         else:
-            self.fbank = Fbank(
-                n_mels=config.n_mels, sample_rate=config.sample_rate, f_min=config.f_min, f_max=config.f_max
-            )
+            self.fbank = Fbank(n_mels=config.n_mels, sample_rate=config.sample_rate)
             self.norm = InputNormalization(
                 norm_type="sentence", mean_norm=config.mean_norm, std_norm=config.std_norm
             )

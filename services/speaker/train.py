@@ -110,7 +110,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "log_every": 5,
     "num_workers": 0,
     "device": "auto",  # auto | cpu | cuda
-    "torch_threads": 0,  # CPU threads for torch (0: torch's default, one per core)
     "seed": 0,
 }
 GRID_DEFAULTS: dict[str, Any] = {"lrs": [1e-4, 5e-4, 1e-3, 5e-3], "grid_steps": 30}
@@ -291,10 +290,6 @@ def prepare(
 
     if dataset_path is None:
         raise ValueError("the speaker recipes read a local folder (dataset_uri)")
-    if int(cfg["torch_threads"]) > 0:
-        import torch
-
-        torch.set_num_threads(int(cfg["torch_threads"]))
     set_seed(int(cfg["seed"]))
     corpus = SpeakerCorpus(dataset_path)
     encoder = make_encoder(cfg, resume_from=resume_from, base_model=base_model)
