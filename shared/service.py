@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 SERVICES: dict[str, str | None] = {
     "gateway": "dramaturg.services.gateway.server:create_service",
     "speaker": "dramaturg.services.speaker.server:create_service",
-    "diarization": None,
+    "diarization": "dramaturg.services.diarization.server:create_service",
     "tts": None,
     "audiollm": None,
     "evaluator": None,
@@ -34,8 +34,8 @@ SERVICES: dict[str, str | None] = {
 
 # Where each model service keeps its training recipes (import path of name → Recipe); None: not built.
 RECIPES: dict[str, str | None] = {
-    "speaker": None,
-    "diarization": None,
+    "speaker": "dramaturg.services.speaker.train:RECIPES",
+    "diarization": "dramaturg.services.diarization.train:RECIPES",
     "tts": None,
     "audiollm": None,
     "evaluator": None,

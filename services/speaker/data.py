@@ -177,7 +177,8 @@ class AugmentConfig:
     ``speeds`` are speechbrain's speed-perturbation factors; ``channel`` imitates another
     microphone or codec (random high-pass, low-pass and one EQ bump: the recording-session
     differences verification must ignore); noise is white or babble (a crop of another training
-    utterance) at an SNR drawn from ``snr_db``; reverb convolves with a synthetic room response
+    utterance) or coloured noise (power falling as 1/f^e, e drawn from ``noise_exponent``: white,
+    pink, brown) at an SNR drawn from ``snr_db``; reverb convolves with a synthetic room response
     (exponentially decaying noise) whose RT60 is drawn from ``rt60``.
     """
 
@@ -191,6 +192,7 @@ class AugmentConfig:
     noise_prob: float = 0.0
     snr_db: tuple[float, float] = (5.0, 30.0)
     babble_prob: float = 0.5
+    noise_exponent: tuple[float, float] = (0.0, 2.0)
     reverb_prob: float = 0.0
     rt60: tuple[float, float] = (0.2, 0.8)
 
@@ -201,6 +203,15 @@ class AugmentConfig:
 
 def _uniform(low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand(()).item())
+
+
+def colored_noise(n: int, exponent: float) -> torch.Tensor:
+    """Unit-variance noise whose power falls as 1/f^exponent (0 white, 1 pink, 2 brown)."""
+    spectrum = torch.fft.rfft(torch.randn(n))
+    freqs = torch.fft.rfftfreq(n)
+    freqs[0] = freqs[1] if n > 1 else 1.0
+    noise = torch.fft.irfft(spectrum / freqs ** (exponent / 2), n)
+    return noise / noise.std().clamp(min=1e-8)
 
 
 class Augmenter:
@@ -244,7 +255,7 @@ class Augmenter:
             if noise.shape[0] < wav.shape[0]:
                 noise = noise.repeat(math.ceil(wav.shape[0] / max(1, noise.shape[0])))[: wav.shape[0]]
         else:
-            noise = torch.randn_like(wav)
+            noise = colored_noise(wav.shape[0], _uniform(*self.config.noise_exponent)).to(wav.dtype)
         snr = torch.tensor([_uniform(*self.config.snr_db)], dtype=wav.dtype)
         return AF.add_noise(wav.unsqueeze(0), noise[: wav.shape[0]].unsqueeze(0), snr).squeeze(0)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,10 @@ class SpeakerEncoderConfig(PretrainedConfig):
     * ``backbone``: a ``Wav2Vec2Config`` dict; ``pretrained_backbone``: where :func:`build_encoder`
       takes weights from (hub id or local path); ``freeze_feature_encoder`` keeps the CNN fixed.
     * ``layerdrop`` … ``mask_time_prob``: ablation switches written onto the backbone config.
-    * ``n_mels``, ``lobe`` (speechbrain constructor kwargs), ``mean_norm``/``std_norm`` (per-utterance
-      feature normalisation), ``conv_padding`` (``"zeros"``: exact batching; ``"reflect"``:
-      speechbrain's own), ``pretrained_lobe`` (e.g. ``speechbrain/spkrec-ecapa-voxceleb``).
+    * ``n_mels``, ``f_min``/``f_max`` (the filterbank's band), ``lobe`` (speechbrain constructor
+      kwargs), ``mean_norm``/``std_norm`` (per-utterance feature normalisation), ``conv_padding``
+      (``"zeros"``: exact batching; ``"reflect"``: speechbrain's own), ``pretrained_lobe`` (e.g.
+      ``speechbrain/spkrec-ecapa-voxceleb``).
     * ``threshold``: cosine score above which two utterances are the same speaker, set to the EER
       threshold measured when the model was evaluated.
     """
@@ -162,6 +164,8 @@ class SpeakerEncoderConfig(PretrainedConfig):
     feat_proj_dropout: float | None = None
     mask_time_prob: float | None = None
     n_mels: int = 40
+    f_min: float = 0.0
+    f_max: float | None = None
     lobe: dict[str, Any] | None = None
     mean_norm: bool = True
     std_norm: bool = False
@@ -315,7 +319,9 @@ class SpeakerEncoder(PreTrainedModel):
             self.frame_size = hidden
             self.embedding_size = config.embedding_dim or pooled
         else:
-            self.fbank = Fbank(n_mels=config.n_mels, sample_rate=config.sample_rate)
+            self.fbank = Fbank(
+                n_mels=config.n_mels, sample_rate=config.sample_rate, f_min=config.f_min, f_max=config.f_max
+            )
             self.norm = InputNormalization(
                 norm_type="sentence", mean_norm=config.mean_norm, std_norm=config.std_norm
             )
@@ -551,17 +557,17 @@ def load_speechbrain_lobe(encoder: SpeakerEncoder, source: str, cache_dir: str |
     """
     from speechbrain.inference.speaker import EncoderClassifier
 
-    savedir = Path(cache_dir or Path.home() / ".cache" / "dramaturg" / "speechbrain") / source.replace(
-        "/", "--"
-    )
+    cache = Path(cache_dir or Path.home() / ".cache" / "dramaturg" / "speechbrain")
+    savedir = cache / re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))
     classifier = EncoderClassifier.from_hparams(
         source=source, savedir=str(savedir), run_opts={"device": "cpu"}
     )
     state = classifier.mods["embedding_model"].state_dict()
-    missing, unexpected = encoder.lobe.load_state_dict(state, strict=False)
+    hint = "its embedding model does not match config.lobe / n_mels / embedding_dim"
+    try:
+        missing, unexpected = encoder.lobe.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{source}: {hint}: {str(err)[:300]}") from err
     if missing or unexpected:
-        raise ValueError(
-            f"{source}: its embedding model does not match config.lobe/n_mels/embedding_dim "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+        raise ValueError(f"{source}: {hint} (missing {missing[:5]}, unexpected {unexpected[:5]})")
     log.info("%s lobe weights from %s", encoder.config.architecture, source)

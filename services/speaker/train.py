@@ -110,6 +110,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "log_every": 5,
     "num_workers": 0,
     "device": "auto",  # auto | cpu | cuda
+    "torch_threads": 0,  # CPU threads for torch (0: torch's default, one per core)
     "seed": 0,
 }
 GRID_DEFAULTS: dict[str, Any] = {"lrs": [1e-4, 5e-4, 1e-3, 5e-3], "grid_steps": 30}
@@ -174,7 +175,6 @@ def _yaml_recipes(base: Mapping[str, SpeakerRecipe]) -> dict[str, SpeakerRecipe]
 
 def _base_recipes() -> dict[str, SpeakerRecipe]:
     w2v2 = "tiny from-scratch wav2vec2 (recipes/wav2vec2-base-aam.yaml: facebook/wav2vec2-base)"
-    lobe = {"ecapa": "ECAPA-TDNN", "xvector": "x-vector"}
     recipes = [
         SpeakerRecipe("wav2vec2-ce", f"{w2v2} + softmax cross-entropy", {"head": "ce"}),
         SpeakerRecipe("wav2vec2-aam", f"{w2v2} + AAM softmax (m=0.2, s=30)", {"head": "aam"}),
@@ -182,12 +182,12 @@ def _base_recipes() -> dict[str, SpeakerRecipe]:
         SpeakerRecipe("wav2vec2-ctc", f"{w2v2} + frame-level CTC over speaker tokens", {"head": "ctc"}),
         SpeakerRecipe(
             "xvector-aam",
-            f"speechbrain {lobe['xvector']} on fbank + AAM softmax",
+            "speechbrain x-vector on fbank + AAM softmax",
             {"architecture": "xvector", "head": "aam"},
         ),
         SpeakerRecipe(
             "ecapa-aam",
-            f"speechbrain {lobe['ecapa']} on fbank + AAM softmax "
+            "speechbrain ECAPA-TDNN on fbank + AAM softmax "
             "(recipes/ecapa-voxceleb.yaml: speechbrain/spkrec-ecapa-voxceleb)",
             {"architecture": "ecapa", "head": "aam"},
         ),
@@ -290,6 +290,10 @@ def prepare(
 
     if dataset_path is None:
         raise ValueError("the speaker recipes read a local folder (dataset_uri)")
+    if int(cfg["torch_threads"]) > 0:
+        import torch
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
     set_seed(int(cfg["seed"]))
     corpus = SpeakerCorpus(dataset_path)
     encoder = make_encoder(cfg, resume_from=resume_from, base_model=base_model)
