@@ -56,6 +56,7 @@ class ModelService(Service, abc.ABC):
     recipes_import_path: str
 
     def __init__(self, settings: ModelServiceSettings, home: Path | None = None) -> None:
+        from dramaturg.shared.training.metrics import export_runner
         from dramaturg.shared.training.runner import TrainingRunner
 
         self.settings = settings
@@ -76,6 +77,7 @@ class ModelService(Service, abc.ABC):
             self.store,
             max_concurrent=settings.max_concurrent_trainings,
         )
+        export_runner(self.runner)  # dramaturg_training_* on this service's /metrics
 
     # -- what a service provides ----------------------------------------------------------------
     @abc.abstractmethod

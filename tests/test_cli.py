@@ -61,3 +61,24 @@ def test_train_for_unbuilt_services_says_so(service: str, capsys) -> None:
 def test_serve_for_unbuilt_services_says_so(service: str, capsys) -> None:
     assert main(["serve", service]) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_demo_scores_the_job_rttm_against_the_generated_reference(tmp_path: Path) -> None:
+    from dramaturg.shared.cli.demo import reference_annotation, score_rttm
+
+    folder = tmp_path / "diarization"
+    (folder / "rttm").mkdir(parents=True)
+    (folder / "uem").mkdir()
+    rttm = ("SPEAKER s 1 0.000 2.000 <NA> <NA> id1 <NA> <NA>\n"
+            "SPEAKER s 1 2.000 2.000 <NA> <NA> id2 <NA> <NA>\n")
+    (folder / "rttm" / "s.rttm").write_text(rttm)
+    (folder / "uem" / "s.uem").write_text("s 1 0.000 4.000\n")
+    reference, uem = reference_annotation(tmp_path, "s")
+    # the same turns under other labels: a perfect diarization
+    assert score_rttm(rttm.replace("id1", "A").replace("id2", "B"), reference, uem)["der"] == 0.0
+    # one speaker for everything: half the speech is confused; a missing second: a quarter missed
+    merged = "SPEAKER s 1 0.000 4.000 <NA> <NA> A <NA> <NA>\n"
+    assert score_rttm(merged, reference, uem) == pytest.approx(
+        {"der": 0.5, "confusion": 0.5, "false_alarm": 0.0, "miss": 0.0})
+    short = "SPEAKER s 1 0.000 3.000 <NA> <NA> A <NA> <NA>\nSPEAKER s 1 3.000 0.0 <NA> <NA> B <NA> <NA>\n"
+    assert score_rttm(short, reference, uem)["miss"] == pytest.approx(0.25)

@@ -28,7 +28,7 @@ GRAFANA = DEPLOY / "grafana"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 # Oldest Kubernetes the manifests support (gRPC probes are GA in 1.27) and the newest with schemas here.
 K8S_VERSIONS = ("1.27.0", "1.37.0")
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 GPU = "nvidia.com/gpu"
 
 
@@ -294,7 +294,9 @@ def test_training_jobs_are_suspended_templates_of_the_serving_images(overlay: st
     where = f"{overlay}: train-{service}"
     assert job["spec"]["suspend"] is True, f"{where}: applying an overlay must not start a training run"
     assert container["image"] == serving["image"], f"{where}: train with the serving image"
-    assert container["args"] == ["train", service, "--config", "/etc/dramaturg/train.yaml"], where
+    assert container["args"] == ["train", service, "--config", "/etc/dramaturg/train.yaml",
+                                 "--metrics-port", "9090"], where
+    assert {"name": "metrics", "containerPort": 9090} in container["ports"], f"{where}: the PodMonitor's port"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
     check_resources(where, container, gpu=overlay == "gpu")
     check_references(where, pod, configmaps, claims)
@@ -324,6 +326,14 @@ def test_gpu_overlay_monitoring_and_autoscaling_components() -> None:
     assert {"targetLabel": "part_of", "replacement": "dramaturg"}.items() <= endpoint["relabelings"][
         0
     ].items()
+    # training Jobs have no Service: a PodMonitor scrapes their pods' metrics port
+    (pods,) = objects(docs, "PodMonitor").values()
+    jobs = objects(docs, "Job")
+    wanted = pods["spec"]["selector"]["matchLabels"].items()
+    assert jobs and all(
+        wanted <= job["spec"]["template"]["metadata"]["labels"].items() for job in jobs.values()
+    ), "every training Job's pods scraped"
+    assert [e["port"] for e in pods["spec"]["podMetricsEndpoints"]] == ["metrics"]
     # the PrometheusRule is the rule files, generated (and promtool-checked below)
     to_prometheusrule = load_script(PROM / "to_prometheusrule.py")
     (rule,) = objects(docs, "PrometheusRule").values()
@@ -438,11 +448,16 @@ def exported_metrics() -> set[str]:
     """Every series name the services can expose: prometheus_client's families + the GPU collector's."""
     import dramaturg.services.gateway.engine  # noqa: F401  (registers dramaturg_jobs_*)
     import dramaturg.shared.metrics as metrics
+    import dramaturg.shared.training.metrics as training_metrics
     from prometheus_client import REGISTRY
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     names = {m.name + s for m in REGISTRY.collect() for s in suffixes.get(m.type, [""])}
     names |= set(re.findall(r'GaugeMetricFamily\(\s*"(\w+)"', Path(metrics.__file__).read_text()))
+    # the training runner's collector (families built at scrape time, from run.json)
+    training = Path(training_metrics.__file__).read_text()
+    names |= set(re.findall(r'GaugeMetricFamily\(\s*"(\w+)"', training))
+    names |= {name + "_total" for name in re.findall(r'CounterMetricFamily\(\s*"(\w+)"', training)}
     return names | {"up"}
 
 

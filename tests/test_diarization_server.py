@@ -524,6 +524,20 @@ def wait_for(condition, seconds: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _sample(name: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"service": "diarization", "queue": "diarize"})
+
+
+def depth() -> float | None:
+    return _sample("dramaturg_queue_depth")
+
+
+def capacity() -> float | None:
+    return _sample("dramaturg_queue_capacity")
+
+
 def test_bounded_concurrency_answers_resource_exhausted(server, scene, blocked_model) -> None:
     _, service, stub, _ = server
     limiter = service.limiter
@@ -533,6 +547,7 @@ def test_bounded_concurrency_answers_resource_exhausted(server, scene, blocked_m
         wait_for(lambda: limiter.running == 1)
         second = pool.submit(stub.Diarize, request, timeout=60)
         wait_for(lambda: limiter.waiting == 1)
+        assert depth() == 1.0 and capacity() == 1.0  # what the dashboards and the HPA read
         code, message, _, retry = error(lambda: stub.Diarize(request, timeout=30))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in message
         assert retry is not None and retry >= 1.0
@@ -546,7 +561,7 @@ def test_bounded_concurrency_answers_resource_exhausted(server, scene, blocked_m
         blocked_model.set()
         assert [t.speaker for t in first.result().turns] == ["SPEAKER_00"]
         assert second.result().turns
-    assert limiter.running == 0 and limiter.waiting == 0
+    assert limiter.running == 0 and limiter.waiting == 0 and depth() == 0.0
 
 
 def test_deadline_and_cancellation_stop_the_worker(server, scene, blocked_model) -> None:

@@ -71,6 +71,11 @@ CORE_PANELS = {
     },
     "gpu.json": {"GPUs per service"},
     "training.json": {
+        "Runs running",
+        "Runs failed (on disk)",
+        "Training loss",
+        "Throughput (optimiser steps/s)",
+        "Progress",
         "Training RPCs/s by method and code",
         "Model repository RPCs/s",
         "Loaded model versions over time",
@@ -242,7 +247,7 @@ def test_dashboards_and_rules_run_against_live_services(tmp_path: Path, dramatur
     publish_tiny_speaker_model(home)
     metrics_port = start_metrics_server(0, "127.0.0.1")  # serves both services (one registry per process)
     speaker_service = SpeakerService(SpeakerSettings(min_seconds=0.5, max_wait_ms=20.0), home=home)
-    with ServerThread(speaker_service) as speaker:
+    with ServerThread(speaker_service) as speaker, training_run(home, tmp_path):
         gateway_settings = GatewaySettings(api_token=TOKEN, services={"speaker": speaker.target})
         with ServerThread(GatewayService(gateway_settings, home=home)) as gateway:
             prometheus = Prometheus(
@@ -257,6 +262,30 @@ def test_dashboards_and_rules_run_against_live_services(tmp_path: Path, dramatur
                 check_against(prometheus, gateway.target, speaker.target)
             finally:
                 prometheus.close()
+
+
+@contextlib.contextmanager
+def training_run(home: Path, tmp_path: Path):
+    """A real (tiny) training run while Prometheus scrapes: the training board's dramaturg_training_*."""
+    from dramaturg.shared.store import ModelStore
+    from dramaturg.shared.training import TrainingRunner
+    from dramaturg.shared.training.metrics import export_runner
+
+    try:
+        import training_fixtures
+    except ImportError:  # tests/ imported as a package
+        from tests import training_fixtures  # type: ignore[no-redef]
+
+    dataset = tmp_path / "toy-data"
+    dataset.mkdir()
+    (dataset / "train.lst").write_text("x\n")
+    runner = TrainingRunner(home, "toy", f"{training_fixtures.__name__}:RECIPES", ModelStore(home))
+    export_runner(runner)
+    try:
+        runner.start("toy-linear", str(dataset), {"steps": 600, "sleep": 0.02, "checkpoint_every": 200})
+        yield runner
+    finally:
+        runner.close(timeout=5.0)
 
 
 def handled_in_process() -> float:

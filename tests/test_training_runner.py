@@ -20,10 +20,12 @@ import pytest
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.store import ModelStore
 from dramaturg.shared.training import TrainingRunner
+from dramaturg.shared.training.metrics import TrainingCollector
 from dramaturg.shared.training.runs import process_alive, process_start_time
 from dramaturg.shared.training.servicer import TrainingServicer
 from dramaturg.training.v1 import training_pb2, training_pb2_grpc
 from google.protobuf import struct_pb2
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 try:
@@ -75,6 +77,25 @@ def test_toy_run_succeeds_inline(env: SimpleNamespace) -> None:
     assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
     states = [e["state"] for e in events if e["type"] == "state"]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+
+    # what Prometheus scrapes (shared/training/metrics.py): the run's own run.json, read at scrape time
+    registry = CollectorRegistry()
+    collector = TrainingCollector()
+    collector.add(runner)
+    registry.register(collector)
+    labels = {"service": SERVICE, "run_id": final.run_id, "recipe": "toy-linear"}
+    assert registry.get_sample_value("dramaturg_training_steps_total", labels) == 40
+    assert registry.get_sample_value("dramaturg_training_progress_ratio", labels) == 1.0
+    loss = registry.get_sample_value("dramaturg_training_metric", {**labels, "name": "loss/train"})
+    assert loss == pytest.approx(final.metrics["loss/train"])
+    def runs(state: str) -> float | None:
+        return registry.get_sample_value("dramaturg_training_runs", {"service": SERVICE, "state": state})
+
+    assert (runs("SUCCEEDED"), runs("RUNNING"), runs("FAILED")) == (1, 0, 0)
+    collector.recent_seconds = 0.0  # finished runs leave the per-run families; the counts stay
+    time.sleep(0.01)
+    assert registry.get_sample_value("dramaturg_training_steps_total", labels) is None
+    assert runs("SUCCEEDED") == 1
     losses = [e["values"]["loss/train"] for e in events if e["type"] == "metrics"]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 10  # the loss falls

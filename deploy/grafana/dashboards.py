@@ -279,29 +279,48 @@ TRAINING = 'grpc_service="dramaturg.training.v1.Training"'
 REPOSITORY = 'grpc_service="dramaturg.common.v1.ModelRepository"'
 WATCH = f'{TRAINING}, grpc_method="WatchTraining"'
 TRAINING_NOTE = """\
-Training has **no Prometheus metrics of its own yet**: losses, learning rate and evaluation metrics
-(EER, DER, …) are in TensorBoard logs under `$DRAMATURG_HOME/runs/<service>/<run>/`
-(`tensorboard --logdir $DRAMATURG_HOME/runs`). This board shows what the services already export: the
-Training and ModelRepository RPCs (runs started, watched, cancelled, checkpoints activated), which model
-versions each replica has loaded, and the GPU the service's pod holds (runs started over gRPC train
-in a subprocess of that pod). `dramaturg train` Jobs expose no metrics endpoint.
+Runs come from the training runner's `dramaturg_training_*` metrics: a service exports the runs it
+started over gRPC, and a `dramaturg train --metrics-port 9090` Job (deploy/k8s: the PodMonitor) exports
+its own. Values are each run's latest logged figures (`run.json`); a finished run stays for an hour.
+Full curves: TensorBoard under `$DRAMATURG_HOME/runs/<service>/<run>/tensorboard`.
 """
+RUN = "{{service}} {{run_id}} ({{recipe}})"
+EVAL = 'name!~"loss.*|lr|grad_norm|learning_rate"'
+PER_RUN = "by (service, run_id, recipe)"
 
 
 def training() -> dict:
     return dashboard("dramaturg-training", "dramaturg / Training",
-                     "Training runs and model versions, from the metrics that exist today.", [
-        text("What this board can and cannot show", TRAINING_NOTE, h=5),
+                     "Training runs (losses, evaluation metrics, throughput) and model versions.", [
+        text("Where these numbers come from", TRAINING_NOTE, h=4),
+        stat("Runs running",
+             [_q(f'sum by (service) (dramaturg_training_runs{{{JOB}, state="RUNNING"}})', "{{service}}")],
+             w=6),
+        stat("Runs queued",
+             [_q(f'sum by (service) (dramaturg_training_runs{{{JOB}, state="QUEUED"}})', "{{service}}")],
+             w=6),
+        stat("Runs failed (on disk)",
+             [_q(f'sum by (service) (dramaturg_training_runs{{{JOB}, state="FAILED"}})', "{{service}}")],
+             w=6, thresholds=[(None, "green"), (1, "orange")]),
         stat("Runs started (time range)",
              [_q(f'sum by (job) (increase(grpc_server_handled_total{{{JOB}, {TRAINING}, '
-                 f'grpc_method="StartTraining", grpc_code="OK"}}[$__range]))', "{{job}}")], w=8),
-        stat("Runs refused (time range)",
-             [_q(f'sum by (job) (increase(grpc_server_handled_total{{{JOB}, {TRAINING}, '
-                 f'grpc_method="StartTraining", grpc_code!="OK"}}[$__range]))', "{{job}}")], w=8,
-             thresholds=[(None, "green"), (1, "orange")]),
-        stat("Open WatchTraining streams",
-             [_q(f"sum by (job) (grpc_server_started_total{{{JOB}, {WATCH}}}) "
-                 f"- sum by (job) (grpc_server_handled_total{{{JOB}, {WATCH}}})", "{{job}}")], w=8),
+                 f'grpc_method="StartTraining", grpc_code="OK"}}[$__range]))', "{{job}}")], w=6),
+        timeseries("Training loss",
+                   [_q(f'max by (service, run_id, recipe, name) (dramaturg_training_metric{{{JOB}, '
+                       f'name=~"loss.*"}})', f"{RUN} {{{{name}}}}")], minimum=None),
+        timeseries("Evaluation metrics (EER, DER, …)",
+                   [_q(f"max by (service, run_id, recipe, name) (dramaturg_training_metric{{{JOB}, {EVAL}}})",
+                       f"{RUN} {{{{name}}}}")], minimum=None,
+                   description="Whatever the recipe evaluates: eer_* / min_dcf_* (speaker), "
+                               "DiarizationErrorRate* and der_* (diarization)."),
+        timeseries("Throughput (optimiser steps/s)",
+                   [_q(f"sum {PER_RUN} (rate(dramaturg_training_steps_total{{{JOB}}}[{RATE}]))", RUN)]),
+        timeseries("Progress",
+                   [_q(f"max {PER_RUN} (dramaturg_training_progress_ratio{{{JOB}}})", RUN)],
+                   unit="percentunit"),
+        timeseries("Learning rate",
+                   [_q(f'max {PER_RUN} (dramaturg_training_metric{{{JOB}, name=~"lr|learning_rate"}})',
+                       RUN)], minimum=None),
         timeseries("Training RPCs/s by method and code",
                    [_q("sum by (job, grpc_method, grpc_code) "
                        f"(rate(grpc_server_handled_total{{{JOB}, {TRAINING}}}[{RATE}]))",

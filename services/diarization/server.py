@@ -398,16 +398,30 @@ class ConcurrencyLimiter:
     """A semaphore with a bounded waiting room: a full room answers RESOURCE_EXHAUSTED + RetryInfo.
 
     Diarizing one file uses every core (or the GPU), so running more at once only makes each slower
-    and multiplies peak memory; clients are better told when to come back.
+    and multiplies peak memory; clients are better told when to come back. The waiting room is
+    exported as ``dramaturg_queue_depth`` / ``dramaturg_queue_capacity`` (what the dashboards, the
+    "queue saturated" alert and the HPA component read).
     """
 
-    def __init__(self, max_running: int, max_waiting: int) -> None:
+    def __init__(self, max_running: int, max_waiting: int, *, queue: str = "diarize") -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self._semaphore = asyncio.Semaphore(max_running)
         self.running = 0
-        self.waiting = 0
+        self._waiting = 0
         self._mean_seconds = 10.0  # moving average of a run, for the retry delay
+        self._depth = metrics.QUEUE_DEPTH.labels(SERVICE, queue)
+        metrics.QUEUE_CAPACITY.labels(SERVICE, queue).set(max_waiting)
+        self._depth.set(0)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, value: int) -> None:
+        self._waiting = value
+        self._depth.set(value)
 
     def retry_after(self) -> float:
         rounds = (self.waiting + self.running) / self.max_running

@@ -78,20 +78,24 @@ def script_lines(corpus: Path, uri: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def ensure_speaker_model(home: Path) -> None:
-    """The speaker stage needs a trained model: train the CPU recipe once if the store has none."""
+def ensure_model(home: Path, service: str) -> None:
+    """A stage needs a trained model: train the service's CPU recipe once if the store has none.
+
+    The speaker model comes first: the diarization recipe's pipeline embeds with the speaker
+    service's default model (one voice model for the platform).
+    """
     from dramaturg.shared.cli import train
     from dramaturg.shared.cli.stack import has_model
     from dramaturg.shared.service import RECIPES
 
-    if not RECIPES.get("speaker") or has_model(home, "speaker"):
+    if not RECIPES.get(service) or has_model(home, service):
         return
-    config = Path(__file__).resolve().parents[2] / "services" / "speaker" / "recipes" / "cpu-quick.yaml"
-    console.print(f"     no speaker model yet: training the embedded default ({config.name}, minutes on CPU)")
-    args = argparse.Namespace(service="speaker", config=str(config), recipe=None, dataset=None, set=[],
-                              list_recipes=False)
+    config = Path(__file__).resolve().parents[2] / "services" / service / "recipes" / "cpu-quick.yaml"
+    console.print(f"     no {service} model yet: training the embedded default ({config.name}, CPU, minutes)")
+    args = argparse.Namespace(service=service, config=str(config), recipe=None, dataset=None, set=[],
+                              list_recipes=False, metrics_port=0)
     if train.run(args) != 0:
-        raise SystemExit("training the demo's speaker model failed; see the run's worker.log above")
+        raise SystemExit(f"training the demo's {service} model failed; see the run's worker.log above")
 
 
 async def enroll_cast(target: str, corpus: Path) -> dict[str, str]:
@@ -140,12 +144,16 @@ def run(args: argparse.Namespace) -> int:
     uri = (corpus / "diarization" / "lists" / "test.lst").read_text().split()[0]
     wav = corpus / "diarization" / "wav" / f"{uri}.wav"
     console.print("[bold]2/4[/] starting the embedded stack (gateway + built services, CPU, loopback) …")
-    ensure_speaker_model(home)
+    for service in ("speaker", "diarization"):
+        ensure_model(home, service)
     stack, _ = start_stack(home, say=lambda m: console.print(f"  {m}"))
     try:
         console.print(describe(stack))
         token = Path(stack.token_file).read_text().strip()
-        speaker = next((p for p in stack.processes if p.service == "speaker"), None)
+        running = {p.service: p for p in stack.processes}
+        speaker = running.get("speaker")
+        if speaker is not None and "diarization" in running:
+            return analyze_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
         if speaker is not None:
             return identify_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
         console.print(f"[bold]3/4[/] submitting scene {uri} ({wav}) to the gateway")
@@ -225,6 +233,80 @@ def identify_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str
     if args.json:
         summary = {"job_id": job.job_id, "result": result, "accuracy": right / max(total, 1)}
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def reference_annotation(corpus: Path, uri: str):
+    """The generator's exact RTTM and UEM of one scene, as pyannote objects."""
+    from pyannote.database.util import load_rttm, load_uem
+
+    folder = corpus / "diarization"
+    return load_rttm(folder / "rttm" / f"{uri}.rttm")[uri], load_uem(folder / "uem" / f"{uri}.uem")[uri]
+
+
+def score_rttm(rttm: str, reference, uem) -> dict[str, float]:
+    """DER of the job's RTTM against the reference: collar 0, overlap scored, on the UEM."""
+    from dramaturg.services.diarization.evaluate import der_metric
+    from pyannote.core import Annotation, Segment
+
+    hypothesis = Annotation()
+    for i, line in enumerate(rttm.splitlines()):
+        f = line.split()
+        if len(f) >= 8 and f[0] == "SPEAKER":
+            start = float(f[3])
+            hypothesis[Segment(start, start + float(f[4])), i] = f[7]
+    metric = der_metric()
+    components = metric(reference, hypothesis, uem=uem, detailed=True)
+    total = max(float(components["total"]), 1e-9)
+    return {
+        "der": float(components["diarization error rate"]),
+        "confusion": float(components["confusion"]) / total,
+        "false_alarm": float(components["false alarm"]) / total,
+        "miss": float(components["missed detection"]) / total,
+    }
+
+
+def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str, wav: Path,
+                 args: argparse.Namespace) -> int:
+    """Enroll the cast, then ask the gateway who spoke when in a scene, and who each speaker is."""
+    from pyannote.core import Segment
+
+    console.print("[bold]3/4[/] enrolling the cast from their reference lines (speaker service)")
+    names = asyncio.run(enroll_cast(speaker, corpus))
+    console.print("     " + ", ".join(f"{n} ({v})" for v, n in names.items()))
+    console.print(f"[bold]4/4[/] analyze_scene on {uri}: diarize → identify each speaker (a gateway job)")
+    job = asyncio.run(run_job(gateway, token, wav, "analyze_scene", {"uri": uri, "min_segment_seconds": 0.5}))
+    console.print(stage_table(job))
+    if job.state != gateway_pb2.SUCCEEDED:
+        console.print(f"[red]job failed:[/] {job.error}")
+        return 1
+    result = json_format.MessageToDict(job.result)
+    reference, uem = reference_annotation(corpus, uri)
+    table = Table(title=f"scene {uri}: labelled script (diarization {result['diarization_model']})")
+    for col in ("time", "diarized as", "named", "really spoken by", ""):
+        table.add_column(col)
+    right = total = 0
+    for turn in result.get("script", []):
+        span = Segment(turn["start"], turn["end"])
+        overlap = reference.crop(span).chart()
+        truth = overlap[0][0] if overlap else ""
+        voice = turn.get("voice_id", "")
+        ok = bool(truth) and voice == truth
+        if truth:
+            right, total = right + ok, total + 1
+        table.add_row(f"{turn['start']:.1f}–{turn['end']:.1f}", turn["speaker"],
+                      names.get(voice, voice) or "(unnamed)", names.get(truth, truth or "(silence)"),
+                      "[green]✓[/]" if ok else "[red]✗[/]")
+    console.print(table)
+    der = score_rttm(result["rttm"], reference, uem)
+    console.print(
+        f"DER {der['der']:.1%} against the generated RTTM (confusion {der['confusion']:.1%}, "
+        f"false alarm {der['false_alarm']:.1%}, miss {der['miss']:.1%}; collar 0, overlap scored, on the UEM)"
+    )
+    console.print(f"named the right character in {right}/{total} turns ({right / max(total, 1):.0%})")
+    if args.json:
+        print(json.dumps({"job_id": job.job_id, "result": result, "der": der,
+                          "naming_accuracy": right / max(total, 1)}, indent=2))
     return 0
 
 

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="override the config's dataset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one recipe key")
     p.add_argument("--list-recipes", action="store_true", help="list the service's recipes and exit")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve the run's Prometheus metrics (dramaturg_training_*) on this port (0: off)")
     p.set_defaults(func=run)
 
 
@@ -72,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if dataset == SYNTHETIC:
         dataset = str(synthetic_dataset(home, config.get("synth") or {}))
     dataset = str(Path(dataset).expanduser().resolve())
+    if args.metrics_port:
+        from dramaturg.shared.metrics import start_metrics_server
+        from dramaturg.shared.training.metrics import export_runner
+
+        export_runner(runner)
+        print(f"metrics on :{start_metrics_server(args.metrics_port)}/metrics")
     record = runner.run_inline(recipe, dataset, overrides, output_model=config.get("output_model", ""),
                                base_model=config.get("base_model") or None)
     runner.close()
