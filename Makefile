@@ -72,18 +72,20 @@ clean:  ## remove the venv and local state
 # ---- deploy/ (docker-compose.yml, deploy/k8s, deploy/prometheus, deploy/grafana) -------------------------
 # tests/test_deploy.py and tests/test_prometheus_integration.py need promtool and the prometheus server
 # (Debian's prometheus package; the daemon its install may start is stopped: the tests run their own).
+# tests/test_gateway_store_postgres.py runs its own PostgreSQL server from Debian's postgresql package.
 # kubectl (kustomize built in), docker-compose v2 and kubernetes-validate come from PyPI with the dev extra.
-DEPLOY_DEB_PKGS := prometheus
+DEPLOY_DEB_PKGS := prometheus postgresql
 .PHONY: deploy-tools deploy-check
 setup: deploy-tools
 
-deploy-tools:  ## install the Debian tools the deploy tests need (promtool, prometheus) when missing
+deploy-tools:  ## install the Debian tools the deploy tests need (promtool, prometheus, postgresql) when missing
 	@missing=""; for p in $(DEPLOY_DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  $$SUDO invoke-rc.d prometheus stop >/dev/null 2>&1 || true; \
+	  $$SUDO invoke-rc.d postgresql stop >/dev/null 2>&1 || true; \
 	fi
 
 deploy-check: setup  ## compose config, kustomize builds, promtool checks and the live Prometheus test

@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS = {
     "speaker-embed": "bench.speaker_embed",
+    "diarization-rtf": "bench.diarization_rtf",
 }
 
 

@@ -356,6 +356,61 @@ def test_gpu_overlay_monitoring_and_autoscaling_components() -> None:
     assert not objects(build("cpu"), "HorizontalPodAutoscaler"), "cpu overlay: no autoscaling components"
 
 
+def test_gpu_overlay_keeps_jobs_in_a_non_root_postgresql(tmp_path: Path) -> None:
+    """components/postgres: the gateway's job store URL and password point at a hardened StatefulSet."""
+    from dramaturg.shared.config import load_settings
+
+    docs = build("gpu")
+    gateway = objects(docs, "Deployment")["gateway"]
+    assert gateway["spec"]["replicas"] == 1, "no job ownership across replicas (leases): one gateway"
+    pod = gateway["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    url = env["DRAMATURG_GATEWAY_JOB_STORE"]["value"]
+    assert url == "postgresql://dramaturg@postgres:5432/dramaturg"
+    # what the gateway makes of its ConfigMap plus that environment
+    volume = next(v for v in pod["volumes"] if "configMap" in v)
+    config = objects(docs, "ConfigMap")[volume["configMap"]["name"]]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"])
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            if "value" in value:
+                mp.setenv(key, value["value"])
+        settings = load_settings(
+            settings_class("gateway"), tmp_path / "config.yaml", env_prefix="DRAMATURG_GATEWAY_"
+        )
+    assert settings.job_store == url
+    secrets = objects(docs, "Secret")
+    password = env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password["name"] in secrets and password["key"] in secrets[password["name"]]["data"]
+    # the database: one non-root replica behind Service postgres:5432, same Secret, its own volume
+    statefulset = objects(docs, "StatefulSet")["postgres"]
+    assert statefulset["spec"]["replicas"] == 1
+    spec = statefulset["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert re.fullmatch(r"postgres:\d+\.\d+-\w+", container["image"]), "pin the PostgreSQL image"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["fsGroup"] == 999
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "pg_isready" in container["readinessProbe"]["exec"]["command"]
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and container["resources"]["limits"]
+    db_env = {e["name"]: e for e in container["env"]}
+    assert db_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == password
+    assert db_env["POSTGRES_USER"]["value"] == "dramaturg" and db_env["POSTGRES_DB"]["value"] == "dramaturg"
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert db_env["PGDATA"]["value"].startswith(mounts[claim["metadata"]["name"]] + "/")
+    service = objects(docs, "Service")["postgres"]
+    assert service["spec"]["ports"] == [{"name": "postgres", "port": 5432, "targetPort": "postgres"}]
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    # the cpu overlay keeps the embedded SQLite store
+    cpu = build("cpu")
+    assert not objects(cpu, "StatefulSet")
+    (cpu_gateway,) = objects(cpu, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
+    assert "DRAMATURG_GATEWAY_JOB_STORE" not in {e["name"] for e in cpu_gateway["env"]}
+
+
 # ------------------------------------------------------------------------------------------ prometheus
 def test_promtool_checks_config_and_rules() -> None:
     run(promtool(), "check", "config", str(PROM / "prometheus.yml"))

@@ -1,23 +1,36 @@
-"""Where jobs live: an interface, and the SQLite implementation of the embedded default.
+"""Where jobs live: an interface, SQLite for the embedded default and PostgreSQL for clusters.
 
 The gateway persists every job and every event before it acts on it, so a gateway killed mid-job
 finds its work on restart. Jobs are stored as the protobuf ``Job`` message (JSON) plus indexed
-columns; events as an append-only table. A cluster swaps in PostgreSQL behind the same interface.
+columns; events as an append-only table. ``open_store`` picks the implementation from a URL:
+``sqlite:///PATH`` (:class:`SqliteJobStore`, one gateway process) or ``postgresql://…``
+(:class:`PostgresJobStore`, psycopg 3 from the ``gateway`` extra, imported only when used). Both keep
+the same tables and the same guarantees: a request_id creates at most one job, and a job's events are
+numbered 1, 2, 3 … without gaps or duplicates, also when several gateway processes share a PostgreSQL
+database. Which process runs which job is *not* coordinated (no leases): a gateway that starts resumes
+every unfinished job, so run one gateway replica per database.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from dramaturg.gateway.v1 import gateway_pb2
 from google.protobuf import json_format
 
 TERMINAL_STATES = {gateway_pb2.SUCCEEDED, gateway_pb2.FAILED, gateway_pb2.CANCELLED}
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -197,10 +210,249 @@ class SqliteJobStore(JobStore):
             self._db.close()
 
 
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+class PostgresJobStore(JobStore):
+    """PostgreSQL through psycopg 3: the job store several gateway processes (or a restarted pod) share.
+
+    One autocommit connection, guarded by a lock like the SQLite store's (calls are short; the gateway
+    makes a handful per stage). Creating a job is one ``INSERT … ON CONFLICT DO NOTHING``, so two
+    processes submitting one request_id at once get one job; an event's sequence number is taken in a
+    transaction that first locks the job's row, so concurrent writers queue up instead of colliding.
+    A connection that drops (server restart, fail-over, idle timeout) is reopened once per call before
+    the error reaches the caller. A write whose commit succeeded but whose answer was lost is then sent
+    again: ``create`` recognises its own row, ``add_event`` may record that one event twice (a repeated
+    notification, never a lost one).
+
+    The URL is libpq's (``postgresql://user@host:5432/db?sslmode=require``); what it leaves out comes
+    from libpq's environment (``PGPASSWORD``, ``PGSSLMODE``, …) or ``~/.pgpass``. The tables are
+    created when missing; to keep them out of ``public``, add ``options=-csearch_path%3Dschema``.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS jobs (
+          job_id TEXT COLLATE "C" PRIMARY KEY,
+          request_id TEXT COLLATE "C" NOT NULL DEFAULT '',
+          pipeline TEXT NOT NULL,
+          state INTEGER NOT NULL,
+          created_at DOUBLE PRECISION NOT NULL,
+          body TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id <> '';
+        CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+        CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at, job_id);
+        CREATE TABLE IF NOT EXISTS events (
+          job_id TEXT COLLATE "C" NOT NULL,
+          sequence INTEGER NOT NULL,
+          time DOUBLE PRECISION NOT NULL,
+          kind INTEGER NOT NULL,
+          stage TEXT NOT NULL,
+          message TEXT NOT NULL,
+          PRIMARY KEY (job_id, sequence)
+        );
+    """
+    # pg_advisory_xact_lock key: processes starting together create the tables one after the other
+    # (concurrent CREATE … IF NOT EXISTS can still collide in the catalog).
+    SCHEMA_LOCK = 0x6472616D61  # "drama"
+
+    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+        import psycopg  # the gateway extra; only a postgresql:// URL needs it
+
+        self._pg = psycopg
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._closed = False
+        self._conn = self._connect()
+        self._run(self._create_schema)
+
+    def _connect(self) -> Any:
+        try:
+            return self._pg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout)),
+                application_name="dramaturg-gateway",
+            )
+        except self._pg.OperationalError as exc:
+            raise self._pg.OperationalError(
+                f"cannot connect to the job store at {redact_url(self.url)}: {exc}".strip()
+            ) from exc
+
+    def _create_schema(self, conn: Any) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
+            for statement in filter(str.strip, self.SCHEMA.split(";")):
+                conn.execute(statement)
+
+    def _run(self, op: Callable[[Any], R]) -> R:
+        """Run ``op(connection)`` under the lock; reconnect once if the connection dropped."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job store is closed")
+            if self._conn.closed:
+                self._conn = self._connect()
+            try:
+                return op(self._conn)
+            except self._pg.OperationalError as exc:
+                # Only a lost connection is retried; a query error on a live one is the caller's.
+                if not self._conn.closed:
+                    raise
+                log.warning("job store connection to %s lost (%s); reconnecting", redact_url(self.url), exc)
+            self._conn = self._connect()
+            return op(self._conn)
+
+    @staticmethod
+    def _body(job: gateway_pb2.Job) -> str:
+        return json_format.MessageToJson(job, indent=None, preserving_proto_field_name=True)
+
+    @staticmethod
+    def _job(body: str) -> gateway_pb2.Job:
+        return json_format.Parse(body, gateway_pb2.Job())
+
+    def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
+        created = job.created_at.ToNanoseconds() / 1e9 if job.HasField("created_at") else time.time()
+        body = self._body(job)
+
+        def op(conn: Any) -> tuple[gateway_pb2.Job, bool]:
+            inserted = conn.execute(
+                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (job.job_id, job.request_id, job.pipeline, job.state, created, body),
+            ).rowcount
+            if inserted:
+                return job, True
+            row = None
+            if job.request_id:
+                row = conn.execute(
+                    "SELECT job_id, body FROM jobs WHERE request_id = %s", (job.request_id,)
+                ).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "SELECT job_id, body FROM jobs WHERE job_id = %s", (job.job_id,)
+                ).fetchone()
+            if row is None:  # the conflicting row was deleted in between: not something the gateway does
+                raise RuntimeError(f"job {job.job_id} conflicted with a row that no longer exists")
+            if row[1] == body:  # our own insert, committed before a dropped connection lost the answer
+                return job, True
+            if row[0] == job.job_id:
+                raise ValueError(f"job id {job.job_id} is already taken by another job")
+            return self._job(row[1]), False
+
+        return self._run(op)
+
+    def get(self, job_id: str) -> gateway_pb2.Job | None:
+        row = self._run(
+            lambda conn: conn.execute("SELECT body FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        )
+        return self._job(row[0]) if row else None
+
+    def by_request_id(self, request_id: str) -> gateway_pb2.Job | None:
+        if not request_id:
+            return None
+        row = self._run(
+            lambda conn: conn.execute("SELECT body FROM jobs WHERE request_id = %s", (request_id,)).fetchone()
+        )
+        return self._job(row[0]) if row else None
+
+    def save(self, job: gateway_pb2.Job) -> None:
+        body = self._body(job)
+        self._run(
+            lambda conn: conn.execute(
+                "UPDATE jobs SET state = %s, body = %s WHERE job_id = %s", (job.state, body, job.job_id)
+            )
+        )
+
+    def add_event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> StoredEvent:
+        def op(conn: Any) -> StoredEvent:
+            for attempt in range(5):
+                try:
+                    with conn.transaction():
+                        # Writers of one job queue on its row; each then reads the MAX the previous
+                        # one committed (READ COMMITTED takes a fresh snapshot per statement).
+                        conn.execute("SELECT 1 FROM jobs WHERE job_id = %s FOR UPDATE", (job_id,))
+                        (sequence,) = conn.execute(
+                            "SELECT COALESCE(MAX(sequence), 0) + 1 FROM events WHERE job_id = %s", (job_id,)
+                        ).fetchone()
+                        event = StoredEvent(job_id, sequence, time.time(), kind, stage, message)
+                        conn.execute(
+                            "INSERT INTO events(job_id, sequence, time, kind, stage, message) "
+                            "VALUES (%s, %s, %s, %s, %s, %s)",
+                            astuple(event),
+                        )
+                    return event
+                except self._pg.errors.UniqueViolation:
+                    # only possible without a job row to lock (events of an unknown job): take the next
+                    if attempt == 4:
+                        raise
+            raise AssertionError("unreachable")
+
+        return self._run(op)
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[StoredEvent]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT job_id, sequence, time, kind, stage, message FROM events "
+                "WHERE job_id = %s AND sequence > %s ORDER BY sequence",
+                (job_id, after_sequence),
+            ).fetchall()
+        )
+        return [StoredEvent(*row) for row in rows]
+
+    def list(
+        self, *, state: int = 0, pipeline: str = "", limit: int = 50, before: tuple[float, str] | None = None
+    ) -> list[gateway_pb2.Job]:
+        where: list[str] = []
+        args: list[Any] = []
+        if state:
+            where.append("state = %s")
+            args.append(state)
+        if pipeline:
+            where.append("pipeline = %s")
+            args.append(pipeline)
+        if before:
+            where.append("(created_at < %s OR (created_at = %s AND job_id < %s))")
+            args += [before[0], before[0], before[1]]
+        sql = "SELECT body FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, job_id DESC LIMIT %s"
+        rows = self._run(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
+        return [self._job(r[0]) for r in rows]
+
+    def unfinished(self) -> list[gateway_pb2.Job]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT body FROM jobs WHERE state IN (%s, %s) ORDER BY created_at, job_id",
+                (gateway_pb2.PENDING, gateway_pb2.RUNNING),
+            ).fetchall()
+        )
+        return [self._job(r[0]) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._conn.close()
+
+
 def open_store(url: str) -> JobStore:
-    """``sqlite:///path/to/jobs.db`` (the embedded default). PostgreSQL is the cluster plan (README)."""
+    """The job store a URL names.
+
+    ``sqlite:///path/to/jobs.db``: the embedded default, one gateway process.
+    ``postgresql://user@host:5432/db`` (or ``postgres://``): a PostgreSQL database, for clusters; the
+    password comes from the URL or libpq's environment (``PGPASSWORD``) / ``~/.pgpass``. Needs psycopg
+    (the ``gateway`` extra).
+    """
     if url.startswith("sqlite:///"):
         return SqliteJobStore(Path(url[len("sqlite:///") :]).expanduser())
     if url.startswith(("postgres://", "postgresql://")):
-        raise ValueError("the PostgreSQL job store is not built yet; use sqlite:///PATH (README: status)")
-    raise ValueError(f"unsupported job store URL {url!r}; expected sqlite:///PATH")
+        return PostgresJobStore(url)
+    raise ValueError(
+        f"unsupported job store URL {redact_url(url)!r}; expected sqlite:///PATH or postgresql://…"
+    )
