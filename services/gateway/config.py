@@ -7,7 +7,8 @@ from pydantic import Field
 
 
 class GatewaySettings(ServiceSettings):
-    # sqlite:///PATH; empty = $DRAMATURG_HOME/gateway/jobs.db
+    # sqlite:///PATH or postgresql://USER@HOST:PORT/DB (password: PGPASSWORD);
+    # empty = $DRAMATURG_HOME/gateway/jobs.db
     job_store: str = ""
     # Bearer token; empty = DRAMATURG_API_TOKEN or $DRAMATURG_HOME/api-token. Required to start.
     api_token: str = ""
