@@ -9,9 +9,11 @@ ListModels / LoadModel / UnloadModel for every service the same way (Triton's mo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -44,8 +46,14 @@ class ModelManager(Generic[M]):
         *,
         max_loaded: int = 2,
         release: Callable[[M], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.service = service
+        # Where models load: None = asyncio's default executor. A service whose inference runs on its
+        # own threads passes that executor, so torch's OpenMP pool lives in one thread only (see
+        # DiarizationService: an idle pool in another thread makes libgomp stop spinning, and CPU
+        # LSTMs then run several times slower).
+        self.executor = executor
         self.store = store
         self.loader = loader
         self.release = release
@@ -78,7 +86,10 @@ class ModelManager(Generic[M]):
 
     async def _load(self, record: ModelRecord) -> Loaded[M]:
         log.info("loading %s model %s from %s", self.service, record.ref, record.path)
-        model, device = await asyncio.to_thread(self.loader, record)
+        context = contextvars.copy_context()  # as asyncio.to_thread does
+        model, device = await asyncio.get_running_loop().run_in_executor(
+            self.executor, context.run, self.loader, record
+        )
         loaded = Loaded(record, model, device)
         self._loaded[record.ref] = loaded
         metrics.MODEL_LOADED.labels(self.service, record.name, record.version).set(1)

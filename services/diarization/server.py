@@ -1000,7 +1000,11 @@ class DiarizationService(ModelService):
         self.settings: DiarizationSettings = settings
         self.limiter = ConcurrencyLimiter(settings.max_concurrent, settings.max_waiting)
         # Own threads: a long diarization must not occupy the default executor that decodes audio.
+        # Models load on them too: torch's OpenMP pool then lives in these threads only. An idle pool
+        # in another thread (the loader's) makes libgomp count more threads than cores and stop
+        # spin-waiting, and pyannote's CPU LSTM then ran 1.7x slower than in a fresh process (bench/).
         self.executor = ThreadPoolExecutor(settings.max_concurrent, thread_name_prefix="diarize")
+        self.models.executor = self.executor
 
     def load_model(self, record: ModelRecord, device: str) -> LoadedDiarizationModel:
         from dramaturg.services.diarization.model import load_pipeline
