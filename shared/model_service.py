@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
+from dramaturg.shared.audio import AudioLimits
 from dramaturg.shared.config import ServiceSettings, dramaturg_home
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.models import MODEL_REPOSITORY, ModelManager, ModelRepositoryServicer
-from dramaturg.shared.service import Service
+from dramaturg.shared.service import RECIPES, Service
 from dramaturg.shared.store import ModelRecord, ModelStore
 from dramaturg.training.v1 import training_pb2, training_pb2_grpc
 from pydantic import Field
@@ -39,6 +40,14 @@ class ModelServiceSettings(ServiceSettings):
     max_concurrent_trainings: int = 1
     # Roots under which AudioInput.uri may point (empty: URIs refused).
     audio_uri_roots: list[str] = Field(default_factory=list)
+    # Audio inputs shorter or longer than these are refused (each service sets its own defaults).
+    min_seconds: float = Field(0.0, ge=0)
+    max_seconds: float = Field(600.0, gt=0)
+
+    def audio_limits(self, **extra: Any) -> AudioLimits:
+        """What an RPC accepts as audio, from these settings (``extra``: e.g. ``reject_silence``)."""
+        return AudioLimits(max_seconds=self.max_seconds, min_seconds=self.min_seconds,
+                           allowed_uri_roots=self.audio_uri_roots, **extra)
 
 
 def pick_device(setting: str) -> str:
@@ -53,7 +62,8 @@ class ModelService(Service, abc.ABC):
     """Base of the five model services."""
 
     name: str
-    recipes_import_path: str
+    # Where the Training RPCs find the recipes; empty: the service's entry in shared.service.RECIPES.
+    recipes_import_path: str = ""
 
     def __init__(self, settings: ModelServiceSettings, home: Path | None = None) -> None:
         from dramaturg.shared.training.metrics import export_runner
@@ -70,6 +80,10 @@ class ModelService(Service, abc.ABC):
             max_loaded=settings.max_loaded_models,
             release=self.release_model,
         )
+        self.recipes_import_path = self.recipes_import_path or RECIPES.get(self.name) or ""
+        if not self.recipes_import_path:
+            raise ValueError(f"no training recipes registered for the {self.name} service "
+                             "(shared/service.py: RECIPES)")
         self.runner = TrainingRunner(
             self.home,
             self.name,

@@ -28,3 +28,15 @@ def tone_wav(seconds: float = 2.0, rate: int = 16_000, freq: float = 220.0, gaps
     buf = io.BytesIO()
     sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two cores shared with other jobs: one torch thread per process is several times faster than
+    two spinning ones. Modules that run models opt in with ``pytest.mark.usefixtures``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

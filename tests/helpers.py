@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from dramaturg.shared.config import ServerSettings
@@ -82,3 +84,13 @@ class ServerThread:
         self.stop()
         if self._error:
             raise self._error
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "the condition",
+             interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

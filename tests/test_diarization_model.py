@@ -38,13 +38,7 @@ from pyannote.core import Annotation
 SAMPLE_RATE = 16_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two shared cores: one torch thread per process wastes far less time waiting than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

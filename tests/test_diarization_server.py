@@ -34,7 +34,7 @@ from dramaturg.services.diarization.server import (
 from dramaturg.shared.data.synth import SynthConfig, synthesize_corpus
 from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.store import ModelStore
-from helpers import ServerThread
+from helpers import ServerThread, wait_for
 
 pytest.importorskip("pyannote.audio")
 
@@ -517,11 +517,6 @@ def blocked_model(server):
         del loaded.model.diarize
 
 
-def wait_for(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def _sample(name: str) -> float | None:

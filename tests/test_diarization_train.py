@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +65,7 @@ from dramaturg.shared.training.runs import (
     save_run,
     transition,
 )
+from helpers import wait_for
 
 SERVICE = "diarization"
 RECIPES_PATH = "dramaturg.services.diarization.train:RECIPES"
@@ -83,13 +83,7 @@ BAD_PARAMS = {"segmentation": {"min_duration_off": 1.0},
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two shared cores: one torch thread per process wastes far less time waiting than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -232,12 +226,6 @@ def test_pipeline_tuning_resumes_from_its_journal(trained: dict[str, Any], proto
 # ============================================================================== recipes end to end
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_killed_segmentation_run_resumes_from_its_checkpoint(corpus: Path, tmp_path: Path) -> None:
@@ -245,12 +233,12 @@ def test_killed_segmentation_run_resumes_from_its_checkpoint(corpus: Path, tmp_p
     overrides = {**TINY_RUN, "epochs": 4, "evaluate_start": False}
     first = TrainingRunner(root, SERVICE, RECIPES_PATH, store, grace_seconds=5.0)
     run = first.start("segmentation", str(corpus), overrides, output_model="dz")
-    _wait_for(lambda: any(c.epoch >= 1 for c in first.checkpoints(run.run_id)), 120,
+    wait_for(lambda: any(c.epoch >= 1 for c in first.checkpoints(run.run_id)), 120,
               "the first epoch's checkpoint")
     victim = first.get(run.run_id)
     first.close(stop_workers=False)  # the server is gone too
     os.kill(victim.pid, signal.SIGKILL)
-    _wait_for(lambda: not process_alive(victim.pid, victim.pid_start_time), 10, "the worker to die")
+    wait_for(lambda: not process_alive(victim.pid, victim.pid_start_time), 10, "the worker to die")
     killed_at = max(c.step for c in first.checkpoints(run.run_id))
 
     second = TrainingRunner(root, SERVICE, RECIPES_PATH, store, grace_seconds=5.0)

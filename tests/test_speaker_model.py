@@ -3,7 +3,6 @@ batches exactly, pools every way the seed lists, and returns L2-normalised float
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,7 @@ from transformers import AutoModel
 ARCHITECTURES = ("wav2vec2", "xvector", "ecapa")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Two cores shared with other jobs: one torch thread is several times faster than two spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _waves(seed: int = 0, lengths: tuple[int, ...] = (8000, 6173, 4000, 10001, 4800)) -> list[np.ndarray]:

@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from dramaturg.shared.store import ModelStore
 from dramaturg.shared.training import TRAINER_STATE_DIR, TrainingRunner
 from dramaturg.shared.training.recipe import RunContext, merge_config
 from dramaturg.shared.training.runs import EVENTS_FILE, EventLog, RunRecord, process_alive, save_run
+from helpers import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,7 @@ RECIPES_PATH = "dramaturg.services.speaker.train:RECIPES"
 FAST = {"crop_seconds": 0.5, "batch_size": 4, "log_every": 1, "device": "cpu", "torch_threads": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +265,6 @@ def test_recipes_are_complete_and_validated() -> None:
 # ------------------------------------------------------------------------------------ crash resume
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_publishes(corpus: Path, tmp_path: Path) -> None:
@@ -285,13 +274,13 @@ def test_killed_run_resumes_from_its_checkpoint_and_publishes(corpus: Path, tmp_
     overrides = {**FAST, "crop_seconds": 1.5, "max_steps": 24, "eval_every": 8, "eval_at_start": False}
     run = first.start("ecapa-aam", str(corpus), overrides, output_model="spk-test")
     try:
-        _wait_for(
+        wait_for(
             lambda: any(c.step >= 8 for c in first.checkpoints(run.run_id)), 120, "the first checkpoint"
         )
         victim = first.get(run.run_id)
         first.close(stop_workers=False)  # the server is gone too: nobody watches the worker
         os.kill(victim.pid, signal.SIGKILL)
-        _wait_for(lambda: not process_alive(victim.pid, victim.pid_start_time), 10, "the worker to die")
+        wait_for(lambda: not process_alive(victim.pid, victim.pid_start_time), 10, "the worker to die")
         assert first.get(run.run_id).state == "RUNNING" and first.get(run.run_id).step < 24
     finally:
         first.close(stop_workers=False)

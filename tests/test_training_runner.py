@@ -10,7 +10,7 @@ import io
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +25,7 @@ from dramaturg.shared.training.runs import process_alive, process_start_time
 from dramaturg.shared.training.servicer import TrainingServicer
 from dramaturg.training.v1 import training_pb2, training_pb2_grpc
 from google.protobuf import struct_pb2
+from helpers import wait_for
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
@@ -56,12 +57,6 @@ def env(tmp_path: Path) -> Iterator[SimpleNamespace]:
         runner.close(timeout=5.0)
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_toy_run_succeeds_inline(env: SimpleNamespace) -> None:
@@ -156,7 +151,7 @@ def test_cancel_stops_the_worker(env: SimpleNamespace) -> None:
     runner = env.make(grace_seconds=1.0)
     for ignore_cancel in (False, True):  # a cooperative recipe, then one the runner must SIGKILL
         run = runner.start("toy-sleep", env.dataset, {"ignore_cancel": ignore_cancel})
-        _wait_for(lambda run=run: runner.get(run.run_id).step > 0, 30, "the first step")
+        wait_for(lambda run=run: runner.get(run.run_id).step > 0, 30, "the first step")
         running = runner.get(run.run_id)
         assert running.state == "RUNNING" and running.pid
         final = runner.cancel(run.run_id)
@@ -169,10 +164,10 @@ def test_cancel_stops_the_worker(env: SimpleNamespace) -> None:
 def test_live_runner_restarts_a_killed_worker(env: SimpleNamespace) -> None:
     runner = env.make(grace_seconds=1.0)
     run = runner.start("toy-sleep", env.dataset, {"checkpoint_every": 5, "sleep": 0.01})
-    _wait_for(lambda: bool(runner.checkpoints(run.run_id)), 30, "a checkpoint")
+    wait_for(lambda: bool(runner.checkpoints(run.run_id)), 30, "a checkpoint")
     victim = runner.get(run.run_id)
     os.kill(victim.pid, signal.SIGKILL)
-    _wait_for(lambda: runner.get(run.run_id).attempts == 2 and runner.get(run.run_id).state == "RUNNING",
+    wait_for(lambda: runner.get(run.run_id).attempts == 2 and runner.get(run.run_id).state == "RUNNING",
               30, "the restart")
     restarted = runner.get(run.run_id)
     assert restarted.crashes == 1 and restarted.pid != victim.pid
@@ -184,11 +179,11 @@ def test_live_runner_restarts_a_killed_worker(env: SimpleNamespace) -> None:
 def test_sigkill_mid_run_then_recover_resumes_from_checkpoint(env: SimpleNamespace) -> None:
     first = env.make()
     run = first.start("toy-linear", env.dataset, {"steps": 60, "sleep": 0.03, "checkpoint_every": 10})
-    _wait_for(lambda: any(c.step >= 10 for c in first.checkpoints(run.run_id)), 60, "a checkpoint")
+    wait_for(lambda: any(c.step >= 10 for c in first.checkpoints(run.run_id)), 60, "a checkpoint")
     victim = first.get(run.run_id)
     first.close(stop_workers=False)  # the server is gone too: nobody watches the worker any more
     os.kill(victim.pid, signal.SIGKILL)
-    _wait_for(lambda: not process_alive(victim.pid, victim.pid_start_time), 10, "the worker to die")
+    wait_for(lambda: not process_alive(victim.pid, victim.pid_start_time), 10, "the worker to die")
     assert first.get(run.run_id).state == "RUNNING"  # what a crash leaves on disk
 
     second = env.make()

@@ -749,11 +749,7 @@ class DiarizationServicer(diarization_pb2_grpc.DiarizationServicer):
         self.settings = service.settings
 
     def _limits(self) -> audio_io.AudioLimits:
-        return audio_io.AudioLimits(
-            max_seconds=self.settings.max_seconds,
-            min_seconds=self.settings.min_seconds,
-            allowed_uri_roots=self.settings.audio_uri_roots,
-        )
+        return self.settings.audio_limits()
 
     async def _model(self, ref: common_pb2.ModelRef) -> LoadedDiarizationModel:
         loaded: Loaded[LoadedDiarizationModel] = await self.service.models.get(ref)
@@ -993,7 +989,6 @@ class DiarizationServicer(diarization_pb2_grpc.DiarizationServicer):
 
 class DiarizationService(ModelService):
     name = SERVICE
-    recipes_import_path = "dramaturg.services.diarization.train:RECIPES"
 
     def __init__(self, settings: DiarizationSettings, home: Path | None = None) -> None:
         super().__init__(settings, home)

@@ -79,6 +79,34 @@ class JobStore(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    # The stored form of a job, the same in every SQL store: the Job message as JSON.
+    @staticmethod
+    def _body(job: gateway_pb2.Job) -> str:
+        return json_format.MessageToJson(job, indent=None, preserving_proto_field_name=True)
+
+    @staticmethod
+    def _job(body: str) -> gateway_pb2.Job:
+        return json_format.Parse(body, gateway_pb2.Job())
+
+
+def list_query(
+    mark: str, *, state: int, pipeline: str, limit: int, before: tuple[float, str] | None
+) -> tuple[str, list[Any]]:
+    """``JobStore.list``'s SQL and arguments for a driver whose placeholder is ``mark`` (? or %s)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if state:
+        where.append(f"state = {mark}")
+        args.append(state)
+    if pipeline:
+        where.append(f"pipeline = {mark}")
+        args.append(pipeline)
+    if before:
+        where.append(f"(created_at < {mark} OR (created_at = {mark} AND job_id < {mark}))")
+        args += [before[0], before[0], before[1]]
+    sql = "SELECT body FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+    return sql + f" ORDER BY created_at DESC, job_id DESC LIMIT {mark}", [*args, limit]
+
 
 class SqliteJobStore(JobStore):
     """SQLite in WAL mode: readers never block the writer, and a committed row survives a crash."""
@@ -115,14 +143,6 @@ class SqliteJobStore(JobStore):
             );
             """
         )
-
-    @staticmethod
-    def _body(job: gateway_pb2.Job) -> str:
-        return json_format.MessageToJson(job, indent=None, preserving_proto_field_name=True)
-
-    @staticmethod
-    def _job(body: str) -> gateway_pb2.Job:
-        return json_format.Parse(body, gateway_pb2.Job())
 
     def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
         with self._lock:
@@ -181,20 +201,9 @@ class SqliteJobStore(JobStore):
     def list(
         self, *, state: int = 0, pipeline: str = "", limit: int = 50, before: tuple[float, str] | None = None
     ) -> list[gateway_pb2.Job]:
-        where, args = [], []
-        if state:
-            where.append("state = ?")
-            args.append(state)
-        if pipeline:
-            where.append("pipeline = ?")
-            args.append(pipeline)
-        if before:
-            where.append("(created_at < ? OR (created_at = ? AND job_id < ?))")
-            args += [before[0], before[0], before[1]]
-        sql = "SELECT body FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
+        sql, args = list_query("?", state=state, pipeline=pipeline, limit=limit, before=before)
         with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
+            rows = self._db.execute(sql, args).fetchall()
         return [self._job(r[0]) for r in rows]
 
     def unfinished(self) -> list[gateway_pb2.Job]:
@@ -310,14 +319,6 @@ class PostgresJobStore(JobStore):
             self._conn = self._connect()
             return op(self._conn)
 
-    @staticmethod
-    def _body(job: gateway_pb2.Job) -> str:
-        return json_format.MessageToJson(job, indent=None, preserving_proto_field_name=True)
-
-    @staticmethod
-    def _job(body: str) -> gateway_pb2.Job:
-        return json_format.Parse(body, gateway_pb2.Job())
-
     def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
         created = job.created_at.ToNanoseconds() / 1e9 if job.HasField("created_at") else time.time()
         body = self._body(job)
@@ -410,20 +411,8 @@ class PostgresJobStore(JobStore):
     def list(
         self, *, state: int = 0, pipeline: str = "", limit: int = 50, before: tuple[float, str] | None = None
     ) -> list[gateway_pb2.Job]:
-        where: list[str] = []
-        args: list[Any] = []
-        if state:
-            where.append("state = %s")
-            args.append(state)
-        if pipeline:
-            where.append("pipeline = %s")
-            args.append(pipeline)
-        if before:
-            where.append("(created_at < %s OR (created_at = %s AND job_id < %s))")
-            args += [before[0], before[0], before[1]]
-        sql = "SELECT body FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC, job_id DESC LIMIT %s"
-        rows = self._run(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
+        sql, args = list_query("%s", state=state, pipeline=pipeline, limit=limit, before=before)
+        rows = self._run(lambda conn: conn.execute(sql, args).fetchall())
         return [self._job(r[0]) for r in rows]
 
     def unfinished(self) -> list[gateway_pb2.Job]:

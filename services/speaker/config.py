@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dramaturg.shared.model_service import ModelServiceSettings
+from pydantic import Field
 
 
 class SpeakerSettings(ModelServiceSettings):
     # Utterances shorter than this are refused: embeddings of a few frames are noise.
-    min_seconds: float = 0.5
-    max_seconds: float = 600.0
+    min_seconds: float = Field(0.5, ge=0)
+    max_seconds: float = Field(600.0, gt=0)
     max_inputs_per_request: int = 64
     # Dynamic batching (shared/batching.py): items per batch, seconds of audio per batch, wait, queue bound.
     max_batch_size: int = 32

@@ -82,12 +82,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
 
     # -- helpers -------------------------------------------------------------------------------
     def _limits(self) -> audio_io.AudioLimits:
-        return audio_io.AudioLimits(
-            max_seconds=self.settings.max_seconds,
-            min_seconds=self.settings.min_seconds,
-            allowed_uri_roots=self.settings.audio_uri_roots,
-            reject_silence=True,
-        )
+        return self.settings.audio_limits(reject_silence=True)
 
     async def _model(self, ref: common_pb2.ModelRef) -> LoadedSpeakerModel:
         loaded: Loaded[LoadedSpeakerModel] = await self.service.models.get(ref)
@@ -284,7 +279,6 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
 
 class SpeakerService(ModelService):
     name = SERVICE
-    recipes_import_path = "dramaturg.services.speaker.train:RECIPES"
 
     def __init__(self, settings: SpeakerSettings, home: Path | None = None) -> None:
         super().__init__(settings, home)
