@@ -34,7 +34,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from types import TracebackType
 from typing import Generic, Self, TypeVar
 
@@ -88,6 +88,7 @@ class DynamicBatcher(Generic[T, R]):
         length_of: Callable[[T], float] | None = None,
         max_batch_length: float | None = None,
         run_in_executor: bool = True,
+        executor: Executor | None = None,
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
@@ -117,7 +118,10 @@ class DynamicBatcher(Generic[T, R]):
         self._seq = itertools.count()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        # A caller's executor (e.g. a model service's model threads) is used and never shut down here;
+        # without one the batcher starts its own single worker thread.
+        self._shared_executor = executor
+        self._executor: Executor | None = executor
         self._stopping = False
         self._drain = True
         self._history: collections.deque[tuple[int, float]] = collections.deque(maxlen=_THROUGHPUT_WINDOW)
@@ -157,7 +161,7 @@ class DynamicBatcher(Generic[T, R]):
             self._wakeup.set()
         if self._task is not None:
             await asyncio.shield(self._task)
-        if self._executor is not None:
+        if self._executor is not None and self._executor is not self._shared_executor:
             self._executor.shutdown(wait=False)
             self._executor = None
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
+import functools
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
 from dramaturg.shared.audio import AudioLimits
@@ -26,6 +30,8 @@ from dramaturg.training.v1 import training_pb2, training_pb2_grpc
 from pydantic import Field
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TRAINING = training_pb2.DESCRIPTOR.services_by_name["Training"].full_name
 
@@ -73,12 +79,18 @@ class ModelService(Service, abc.ABC):
         self.home = home or dramaturg_home()
         self.device = pick_device(settings.device)
         self.store = ModelStore(self.home)
+        # The model threads: models load, warm up and run on these and nowhere else, so torch's
+        # OpenMP pool lives in them only. An idle pool in another thread (a loader's, asyncio's
+        # default executor's) makes libgomp count more threads than cores and stop spin-waiting;
+        # pyannote's CPU LSTM then ran 1.7x slower than in a fresh process (bench/diarization_rtf).
+        self.executor = ThreadPoolExecutor(self.model_threads(), thread_name_prefix=f"{self.name}-model")
         self.models: ModelManager[Any] = ModelManager(
             self.name,
             self.store,
             self._load,
             max_loaded=settings.max_loaded_models,
             release=self.release_model,
+            executor=self.executor,
         )
         self.recipes_import_path = self.recipes_import_path or RECIPES.get(self.name) or ""
         if not self.recipes_import_path:
@@ -107,6 +119,15 @@ class ModelService(Service, abc.ABC):
 
     async def warm_up(self, model: Any) -> None:
         """Run one tiny request so the first real one does not pay for lazy initialisation."""
+
+    def model_threads(self) -> int:
+        """How many model calls may run at once (threads of :attr:`executor`); one by default."""
+        return 1
+
+    async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking model call on the model threads (context variables kept, as to_thread does)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
     # -- shared plumbing ---------------------------------------------------------------------------
     def _load(self, record: ModelRecord) -> tuple[Any, str]:
@@ -150,3 +171,4 @@ class ModelService(Service, abc.ABC):
     async def stop(self) -> None:
         await asyncio.to_thread(self.runner.close)
         await self.models.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

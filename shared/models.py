@@ -49,10 +49,8 @@ class ModelManager(Generic[M]):
         executor: Executor | None = None,
     ) -> None:
         self.service = service
-        # Where models load: None = asyncio's default executor. A service whose inference runs on its
-        # own threads passes that executor, so torch's OpenMP pool lives in one thread only (see
-        # DiarizationService: an idle pool in another thread makes libgomp stop spinning, and CPU
-        # LSTMs then run several times slower).
+        # Where models load: None = asyncio's default executor. Model services pass their model threads
+        # (ModelService.executor), so torch's OpenMP pool lives in those threads only.
         self.executor = executor
         self.store = store
         self.loader = loader

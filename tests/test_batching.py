@@ -406,6 +406,29 @@ def test_sync_process_runs_off_the_event_loop() -> None:
     assert ticks >= 3  # the loop kept running while the worker slept
 
 
+def test_a_given_executor_runs_the_batches_and_outlives_the_batcher() -> None:
+    """A model service's model thread runs every batch (one OpenMP pool); stopping must not close it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names: set[str] = set()
+
+    def process(items: list[int]) -> list[int]:
+        names.add(threading.current_thread().name)
+        return items
+
+    executor = ThreadPoolExecutor(1, thread_name_prefix="model-thread")
+    try:
+        async def main() -> None:
+            async with DynamicBatcher(process, max_batch_size=2, max_wait_ms=0, executor=executor) as b:
+                await asyncio.gather(*(b.submit(i) for i in range(5)))
+
+        run(main())
+        assert names and all(n.startswith("model-thread") for n in names), names
+        assert executor.submit(lambda: 7).result(timeout=5) == 7  # still open after the batcher stopped
+    finally:
+        executor.shutdown()
+
+
 def test_bad_configuration_is_refused() -> None:
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch_length=10.0)

@@ -32,7 +32,6 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -994,12 +993,11 @@ class DiarizationService(ModelService):
         super().__init__(settings, home)
         self.settings: DiarizationSettings = settings
         self.limiter = ConcurrencyLimiter(settings.max_concurrent, settings.max_waiting)
-        # Own threads: a long diarization must not occupy the default executor that decodes audio.
-        # Models load on them too: torch's OpenMP pool then lives in these threads only. An idle pool
-        # in another thread (the loader's) makes libgomp count more threads than cores and stop
-        # spin-waiting, and pyannote's CPU LSTM then ran 1.7x slower than in a fresh process (bench/).
-        self.executor = ThreadPoolExecutor(settings.max_concurrent, thread_name_prefix="diarize")
-        self.models.executor = self.executor
+
+    def model_threads(self) -> int:
+        # A long diarization must not wait behind another, nor occupy the default executor that
+        # decodes audio: one model thread per concurrent diarization.
+        return self.settings.max_concurrent
 
     def load_model(self, record: ModelRecord, device: str) -> LoadedDiarizationModel:
         from dramaturg.services.diarization.model import load_pipeline
@@ -1023,15 +1021,9 @@ class DiarizationService(ModelService):
     async def warm_up(self, model: LoadedDiarizationModel) -> None:
         noise = np.random.default_rng(0).normal(0, 0.05, 3 * model.sample_rate).astype(np.float32)
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: model.diarize(noise, "warm-up", SpeakerHints())
-            )
+            await self.run_model(model.diarize, noise, "warm-up", SpeakerHints())
         except Exception:  # noise is not speech; a pipeline that trips on it still serves speech
             log.warning("warm-up diarization failed", exc_info=True)
-
-    async def stop(self) -> None:
-        await super().stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def service_registrations(self) -> list[Registration]:
         full_name = diarization_pb2.DESCRIPTOR.services_by_name["Diarization"].full_name

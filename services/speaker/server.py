@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 import grpc
@@ -38,8 +39,9 @@ SERVICE = "speaker"
 class LoadedSpeakerModel:
     """A loaded encoder with its batcher: what the servicer calls."""
 
-    def __init__(self, encoder, record: ModelRecord, settings: SpeakerSettings) -> None:
+    def __init__(self, encoder, record: ModelRecord, settings: SpeakerSettings, executor: Executor) -> None:
         self.encoder = encoder
+        self.executor = executor  # the service's model thread: every forward pass runs there
         self.record = record
         self.sample_rate = int(encoder.config.sample_rate)
         self.threshold = float(getattr(encoder.config, "threshold", 0.5))
@@ -53,6 +55,7 @@ class LoadedSpeakerModel:
                 max_queue=settings.max_queue,
                 length_of=len,
                 max_batch_length=settings.max_batch_seconds * self.sample_rate,
+                executor=executor,
                 name=f"speaker:{record.ref}",
                 **metrics.batcher_hooks(SERVICE, "embed", settings.max_queue),
             )
@@ -62,7 +65,9 @@ class LoadedSpeakerModel:
 
     async def embed(self, waveforms: Sequence[np.ndarray], deadline: float | None) -> np.ndarray:
         if self.batcher is None:
-            return await asyncio.to_thread(self.encoder.embed, list(waveforms))
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.encoder.embed, list(waveforms)
+            )
         vectors = await asyncio.gather(*(self.batcher.submit(w, deadline=deadline) for w in waveforms))
         return np.stack(vectors)
 
@@ -289,7 +294,7 @@ class SpeakerService(ModelService):
         from dramaturg.services.speaker.model import SpeakerEncoder
 
         encoder = SpeakerEncoder.from_pretrained(str(record.path)).to(device).eval()
-        return LoadedSpeakerModel(encoder, record, self.settings)
+        return LoadedSpeakerModel(encoder, record, self.settings, self.executor)
 
     def release_model(self, model: LoadedSpeakerModel) -> None:
         if model.batcher is not None:
@@ -297,7 +302,7 @@ class SpeakerService(ModelService):
 
     async def warm_up(self, model: LoadedSpeakerModel) -> None:
         noise = np.random.default_rng(0).normal(0, 0.1, model.sample_rate).astype(np.float32)
-        await asyncio.to_thread(model.encoder.embed, [noise])
+        await self.run_model(model.encoder.embed, [noise])
 
     def service_registrations(self) -> list[Registration]:
         full_name = speaker_pb2.DESCRIPTOR.services_by_name["Speaker"].full_name
