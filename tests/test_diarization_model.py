@@ -26,6 +26,7 @@ from dramaturg.services.diarization.model import (
     pipeline_params,
     read_artifact,
     resolve_embedding,
+    resolve_plda,
     save_artifact,
     save_pyannote_checkpoint,
     tiny_speaker_encoder,
@@ -170,3 +171,41 @@ def test_default_artifact_prefers_the_store_default_speaker_model(tmp_path: Path
     reference = tiny_speaker_encoder(seed=5)
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(loaded.encoder.state_dict()[name], tensor)
+
+
+def test_vbx_artifact_with_the_embedding_models_plda(tmp_path: Path, scene: Path) -> None:
+    """``plda: embedding``: the speaker model's own PLDA drives VBx, travels inside the artifact
+    (``embedding/plda``) and the reloaded pipeline gives the same diarization."""
+    from dramaturg.services.speaker.plda import fit_for_encoder
+
+    encoder = tiny_speaker_encoder(seed=2)
+    encoder.save_pretrained(str(tmp_path / "voices"))
+    with pytest.raises(ValueError, match="has no plda/"):
+        resolve_plda("embedding", {"kind": "speaker-store", "ref": "voices:v1", "path": tmp_path / "voices"})
+    rng = np.random.default_rng(0)
+    waves = [rng.normal(0, 0.1, SAMPLE_RATE).astype(np.float32) * (1 + i % 5) for i in range(20)]
+    fit_for_encoder(encoder, waves, [f"s{i % 5}" for i in range(20)], tmp_path / "voices" / "plda", crops=1)
+    spec = {"kind": "speaker-store", "ref": "voices:v1", "path": tmp_path / "voices"}
+    plda = resolve_plda("embedding", spec)
+    assert plda == tmp_path / "voices" / "plda"
+
+    segmentation = _segmentation(seed=1)
+    params = {"segmentation": {"min_duration_off": 0.1},
+              "clustering": {"threshold": 0.6, "Fa": 0.07, "Fb": 0.8}}
+    built = build_pipeline(segmentation, SpeakerStoreEmbedding(encoder), params=params,
+                           clustering="VBxClustering", plda=plda, segmentation_step=0.5)
+    expected, _ = diarize(built, scene)
+    save_artifact(tmp_path / "art", segmentation, params=params, embedding=spec, metrics={},
+                  clustering="VBxClustering", plda="embedding", segmentation_step=0.5)
+    stored = read_artifact(tmp_path / "art")
+    assert stored["clustering"] == "VBxClustering" and stored["plda"] == "embedding/plda"
+    assert (tmp_path / "art" / "embedding" / "plda" / "plda.npz").is_file()
+    loaded = load_pipeline(tmp_path / "art")
+    assert pipeline_params(loaded) == params
+    got, _ = diarize(loaded, scene)
+    assert got == expected and len(got) > 0
+    # a PLDA folder of its own is copied into the artifact (self-contained), not referenced
+    save_artifact(tmp_path / "art2", segmentation, params=params, embedding=spec, metrics={},
+                  clustering="VBxClustering", plda=plda, segmentation_step=0.5)
+    assert read_artifact(tmp_path / "art2")["plda"] == "plda"
+    assert diarize(load_pipeline(tmp_path / "art2"), scene)[0] == expected

@@ -305,6 +305,11 @@ def test_killed_run_resumes_from_its_checkpoint_and_publishes(corpus: Path, tmp_
     assert final.published_model == model.ref and model.labels["eer_backend"] == "cosine"
     assert {"eer", "min_dcf", "threshold"} <= set(model.metrics)
     assert model.architecture == "ecapa" and not (model.path / TRAINER_STATE_DIR).exists()
+    # published with a PLDA over its training speakers (4 here: 3 LDA dimensions), for VBx diarization
+    from pyannote.audio.core.plda import PLDA
+
+    plda = PLDA.from_pretrained(str(model.path / "plda"))
+    assert plda.phi.shape == (3,) and np.all(plda.phi > 0)
     encoder = SpeakerEncoder.from_pretrained(str(model.path))
     assert encoder.config.threshold == pytest.approx(model.metrics["threshold"])
     vectors = encoder.embed([np.zeros(8000, np.float32) + 0.01 * np.arange(8000, dtype=np.float32) % 1])

@@ -11,6 +11,12 @@ of it (:func:`save_artifact`)::
     segmentation/pytorch_model.bin  a pyannote checkpoint: Model.from_pretrained(folder / "segmentation")
     embedding/                      SpeakerEncoder.save_pretrained (kind "speaker-store")
                                     or a pyannote checkpoint (kind "pyannote")
+    embedding/plda/ or plda/        VBx clustering only: xvec_transform.npz + plda.npz
+
+VBx clustering (pyannote's community-1 pipeline) scores embeddings with a PLDA. ``plda: embedding``
+takes the one shipped with the embedding model — speaker-service models fit one on their training
+speakers when they are published (``services/speaker/plda.py``), as community-1 ships its PLDA next
+to its WeSpeaker embedding; any other folder with the two files is copied into the artifact.
 
 The embedding comes from one of two places:
 
@@ -72,6 +78,8 @@ FORMAT = "dramaturg-diarization/1"
 PIPELINE_FILE = "pipeline.json"
 SEGMENTATION_DIR = "segmentation"
 EMBEDDING_DIR = "embedding"
+PLDA_DIR = "plda"
+PLDA_FROM_EMBEDDING = "embedding"  # the recipes' ``plda`` value for "the PLDA next to the embedding"
 CHECKPOINT_FILE = "pytorch_model.bin"  # pyannote's AssetFileName.Model: what from_pretrained(folder) reads
 EMBEDDING_KINDS = ("speaker-store", "pyannote")
 CLUSTERINGS = ("AgglomerativeClustering", "VBxClustering")
@@ -98,6 +106,11 @@ DEFAULT_CHUNK: dict[str, Any] = {"duration": 5.0, "max_speakers_per_chunk": 3, "
 DEFAULT_PARAMS: dict[str, Any] = {
     "segmentation": {"min_duration_off": 0.0},
     "clustering": {"method": "centroid", "min_cluster_size": 12, "threshold": 0.7045654963945799},
+}
+# pyannote/speaker-diarization-community-1's values: where VBx clustering starts (AHC threshold, Fa, Fb).
+VBX_DEFAULT_PARAMS: dict[str, Any] = {
+    "segmentation": {"min_duration_off": 0.0},
+    "clustering": {"threshold": 0.6, "Fa": 0.07, "Fb": 0.8},
 }
 # The embedding of the tests and of the embedded default: the speaker service's tiny ECAPA.
 TINY_EMBEDDING: dict[str, Any] = {"architecture": "ecapa"}
@@ -335,12 +348,41 @@ class DiarizationPipeline(SpeakerDiarization):
     """
 
     def default_parameters(self) -> dict[str, Any]:
-        if self.klustering == "AgglomerativeClustering":
-            return copy.deepcopy(DEFAULT_PARAMS)
-        return super().default_parameters()
+        return copy.deepcopy(default_params(self.klustering))
 
     def get_metric(self) -> DiarizationErrorRate:
         return DiarizationErrorRate(**self.der_variant)
+
+
+def _is_plda_folder(folder: Path) -> bool:
+    return (folder / "xvec_transform.npz").is_file() and (folder / "plda.npz").is_file()
+
+
+def resolve_plda(plda: str | Path | None, embedding: Mapping[str, Any]) -> Path | None:
+    """Where the PLDA files are: ``None`` (no PLDA), a folder, or ``"embedding"`` — the embedding
+    model's own ``plda/`` (``embedding`` is an embedding spec with its local ``path``)."""
+    if not plda:
+        return None
+    if str(plda) == PLDA_FROM_EMBEDDING:
+        source = embedding.get("path")
+        folder = Path(source) / PLDA_DIR if source else None
+        if folder is None or not _is_plda_folder(folder):
+            raise ValueError(
+                f"plda: embedding, but the embedding model "
+                f"({embedding.get('ref') or embedding.get('checkpoint')}) "
+                f"has no {PLDA_DIR}/ with xvec_transform.npz and plda.npz; speaker models fit one when "
+                "they are published (retrain it with `make train-speaker`), or set a PLDA folder, or "
+                "use clustering: AgglomerativeClustering")
+        return folder
+    folder = Path(plda)
+    if not _is_plda_folder(folder):
+        raise ValueError(f"plda {str(plda)!r}: expected a folder with xvec_transform.npz and plda.npz")
+    return folder
+
+
+def default_params(clustering: str) -> dict[str, Any]:
+    """Where a pipeline with this clustering starts: pyannote 3.1's (agglomerative) or community-1's (VBx)."""
+    return copy.deepcopy(VBX_DEFAULT_PARAMS if clustering == "VBxClustering" else DEFAULT_PARAMS)
 
 
 def build_pipeline(segmentation: Model, embedding: Model, *, params: Mapping[str, Any] | None = None,
@@ -445,6 +487,17 @@ def save_artifact(folder: Path, segmentation: Model, *, params: Mapping[str, Any
     else:
         log.warning("embedding %s is recorded by name only: loading this artifact needs the hub",
                     record.get("checkpoint"))
+    plda_record = None
+    if plda:
+        if str(plda) == PLDA_FROM_EMBEDDING:
+            if not _is_plda_folder(target / PLDA_DIR):
+                raise ValueError(f"plda: embedding, but the artifact's embedding has no {PLDA_DIR}/")
+            plda_record = f"{EMBEDDING_DIR}/{PLDA_DIR}"
+        else:
+            source_plda = Path(plda)
+            if source_plda.resolve() != (folder / PLDA_DIR).resolve():
+                shutil.copytree(source_plda, folder / PLDA_DIR, dirs_exist_ok=True)
+            plda_record = PLDA_DIR
     spec = {
         "format": FORMAT,
         "pipeline": "pyannote.audio.pipelines.SpeakerDiarization",
@@ -452,7 +505,7 @@ def save_artifact(folder: Path, segmentation: Model, *, params: Mapping[str, Any
         "segmentation": {"path": SEGMENTATION_DIR, **segmentation_info(segmentation)},
         "embedding": record,
         "clustering": clustering,
-        "plda": str(plda) if plda else None,
+        "plda": plda_record,
         "segmentation_step": float(segmentation_step),
         "embedding_exclude_overlap": bool(embedding_exclude_overlap),
         "params": _plain(dict(params)),

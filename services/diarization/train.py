@@ -86,9 +86,10 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "embedding_from_base": True,     # pipeline recipe: keep the base artifact's embedding
     # --- pipeline
     "clustering": "AgglomerativeClustering",
-    "plda": "",                      # VBxClustering only: local folder with xvec_transform.npz + plda.npz
+    "plda": "",                      # VBxClustering: "embedding" (the speaker model's own) or a folder
+                                     # with xvec_transform.npz + plda.npz
     "segmentation_step": 0.1,        # window step as a fraction of its duration (pyannote's default)
-    "embedding_exclude_overlap": False,
+    "embedding_exclude_overlap": True,  # as pyannote's 3.1 / community-1 configs: purer embeddings
     "initial_params": {},            # {}: model.DEFAULT_PARAMS (pyannote 3.1's); merged over them
     "freeze_params": {},             # kept fixed while tuning, e.g. {"clustering": {"method": "centroid"}}
     "optimize_iterations": 40,
@@ -223,10 +224,14 @@ def open_protocol(ctx: RunContext) -> SpeakerDiarizationProtocol:
 
 
 def initial_params(cfg: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Where tuning starts: DEFAULT_PARAMS (or a base artifact's params) with ``initial_params`` on top."""
-    from dramaturg.services.diarization.model import DEFAULT_PARAMS
+    """Where tuning starts: the clustering's defaults (or a base artifact's params, when it clusters the
+    same way) with ``initial_params`` on top."""
+    from dramaturg.services.diarization.model import default_params
 
-    return _deep_merge(copy.deepcopy(dict(base or DEFAULT_PARAMS)), cfg.get("initial_params") or {})
+    start = default_params(str(cfg.get("clustering") or "AgglomerativeClustering"))
+    if base and set(base.get("clustering") or {}) == set(start["clustering"]):
+        start = copy.deepcopy(dict(base))
+    return _deep_merge(start, cfg.get("initial_params") or {})
 
 
 def _deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -623,11 +628,12 @@ def run_pipeline(ctx: RunContext) -> None:
 
 def _pipeline_for(segmentation: Model, embedding: EmbeddingChoice, cfg: Mapping[str, Any],
                   params: Mapping[str, Any] | None = None) -> DiarizationPipeline:
-    from dramaturg.services.diarization.model import build_pipeline
+    from dramaturg.services.diarization.model import build_pipeline, resolve_plda
 
     return build_pipeline(
         segmentation, embedding.model, params=params, clustering=str(cfg["clustering"]),
-        plda=str(cfg["plda"]) or None, segmentation_step=float(cfg["segmentation_step"]),
+        plda=resolve_plda(str(cfg["plda"] or ""), embedding.spec),
+        segmentation_step=float(cfg["segmentation_step"]),
         embedding_exclude_overlap=bool(cfg["embedding_exclude_overlap"]),
         segmentation_batch_size=int(cfg["segmentation_batch_size"]),
         embedding_batch_size=int(cfg["embedding_batch_size"]), device=pick_device(cfg))

@@ -102,6 +102,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "asnorm": False,
     "asnorm_top_k": 100,
     "eval_max_seconds": 30.0,
+    # --- PLDA for diarization (VBx clustering): fitted on the training speakers at publish time
+    "plda": True,
+    "plda_dimension": 64,
+    "plda_utterances_per_speaker": 20,  # whole utterances per speaker (+3 short crops of each)
     # --- lr_find
     "lr_find_min": 1e-7,
     "lr_find_max": 1.0,
@@ -615,6 +619,8 @@ def publish_best(ctx: RunContext, architecture: str) -> None:
     eval_file = chosen.path / "eval.json"
     if eval_file.exists():
         backend = json.loads(eval_file.read_text()).get("backend", "")
+    if ctx.config.get("plda", True):
+        fit_plda(ctx, chosen.path)
     labels = {"checkpoint_id": chosen.checkpoint_id, "step": str(chosen.step)}
     if backend:
         labels["eer_backend"] = backend
@@ -626,6 +632,42 @@ def publish_best(ctx: RunContext, architecture: str) -> None:
             f"minDCF {chosen.metrics.get('min_dcf', math.nan):.3f}, "
             f"threshold {chosen.metrics.get('threshold', math.nan):.3f}"
         )
+
+
+def fit_plda(ctx: RunContext, folder: Path) -> None:
+    """Fit a VBx PLDA on the training speakers with the encoder in ``folder``; save it in ``folder/plda``.
+
+    The diarization service's VBx clustering reads it (``plda: embedding``), as pyannote's community-1
+    pipeline ships its PLDA next to its embedding model. Skipped, with a warning, when the corpus has
+    too few training speakers for one.
+    """
+    from dramaturg.services.speaker.data import SpeakerCorpus, load_audio
+    from dramaturg.services.speaker.model import SpeakerEncoder
+    from dramaturg.services.speaker.plda import PLDA_DIR, fit_for_encoder
+
+    cfg = ctx.config
+    if ctx.dataset_path is None:
+        return
+    corpus = SpeakerCorpus(ctx.dataset_path)
+    per_speaker = int(cfg.get("plda_utterances_per_speaker", 20))
+    chosen: dict[str, list[Path]] = {}
+    for utt in corpus.train_utterances():
+        paths = chosen.setdefault(utt.speaker, [])
+        if len(paths) < per_speaker:
+            paths.append(utt.path)
+    encoder = SpeakerEncoder.from_pretrained(str(folder)).eval()
+    rate = int(encoder.config.sample_rate)
+    max_seconds = float(cfg.get("eval_max_seconds", 30.0))
+    waves = [load_audio(p, rate, max_seconds=max_seconds) for paths in chosen.values() for p in paths]
+    speakers = [s for s, paths in chosen.items() for _ in paths]
+    try:
+        plda = fit_for_encoder(encoder, waves, speakers, folder / PLDA_DIR,
+                               lda_dimension=int(cfg.get("plda_dimension", 64)), seed=int(cfg["seed"]))
+    except ValueError as err:
+        ctx.log(f"no PLDA for VBx clustering: {err}", "WARNING")
+        return
+    ctx.log(f"PLDA for VBx clustering: {plda.dimension} dimensions from {len(chosen)} training speakers "
+            f"({len(waves)} utterances and crops of them)")
 
 
 # ========================================================================================= LR find
