@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextvars
-import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +21,7 @@ from dramaturg.shared.audio import AudioLimits
 from dramaturg.shared.config import ServiceSettings, dramaturg_home
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.grpc.server import Registration
-from dramaturg.shared.models import MODEL_REPOSITORY, ModelManager, ModelRepositoryServicer
+from dramaturg.shared.models import MODEL_REPOSITORY, ModelManager, ModelRepositoryServicer, run_in
 from dramaturg.shared.service import RECIPES, Service
 from dramaturg.shared.store import ModelRecord, ModelStore
 from dramaturg.training.v1 import training_pb2, training_pb2_grpc
@@ -126,8 +124,7 @@ class ModelService(Service, abc.ABC):
 
     async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking model call on the model threads (context variables kept, as to_thread does)."""
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        return await run_in(self.executor, fn, *args)
 
     # -- shared plumbing ---------------------------------------------------------------------------
     def _load(self, record: ModelRecord) -> tuple[Any, str]:

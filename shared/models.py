@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
@@ -26,6 +26,7 @@ from dramaturg.shared.store import ModelRecord, ModelRefLike, ModelStore
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+R = TypeVar("R")
 
 
 @dataclass
@@ -33,6 +34,12 @@ class Loaded(Generic[M]):
     record: ModelRecord
     model: M
     device: str
+
+
+async def run_in(executor: Executor | None, fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)`` on ``executor`` (None: asyncio's default), context variables kept as to_thread does."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(executor, context.run, fn, *args)
 
 
 class ModelManager(Generic[M]):
@@ -84,10 +91,7 @@ class ModelManager(Generic[M]):
 
     async def _load(self, record: ModelRecord) -> Loaded[M]:
         log.info("loading %s model %s from %s", self.service, record.ref, record.path)
-        context = contextvars.copy_context()  # as asyncio.to_thread does
-        model, device = await asyncio.get_running_loop().run_in_executor(
-            self.executor, context.run, self.loader, record
-        )
+        model, device = await run_in(self.executor, self.loader, record)
         loaded = Loaded(record, model, device)
         self._loaded[record.ref] = loaded
         metrics.MODEL_LOADED.labels(self.service, record.name, record.version).set(1)

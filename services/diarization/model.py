@@ -53,6 +53,7 @@ import lightning
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dramaturg.services.speaker.plda import PLDA_DIR, PLDA_FILE, TRANSFORM_FILE, has_plda
 from pyannote.audio import Model
 from pyannote.audio import __version__ as pyannote_audio_version
 from pyannote.audio.core.plda import PLDA
@@ -78,7 +79,6 @@ FORMAT = "dramaturg-diarization/1"
 PIPELINE_FILE = "pipeline.json"
 SEGMENTATION_DIR = "segmentation"
 EMBEDDING_DIR = "embedding"
-PLDA_DIR = "plda"
 PLDA_FROM_EMBEDDING = "embedding"  # the recipes' ``plda`` value for "the PLDA next to the embedding"
 CHECKPOINT_FILE = "pytorch_model.bin"  # pyannote's AssetFileName.Model: what from_pretrained(folder) reads
 EMBEDDING_KINDS = ("speaker-store", "pyannote")
@@ -354,10 +354,6 @@ class DiarizationPipeline(SpeakerDiarization):
         return DiarizationErrorRate(**self.der_variant)
 
 
-def _is_plda_folder(folder: Path) -> bool:
-    return (folder / "xvec_transform.npz").is_file() and (folder / "plda.npz").is_file()
-
-
 def resolve_plda(plda: str | Path | None, embedding: Mapping[str, Any]) -> Path | None:
     """Where the PLDA files are: ``None`` (no PLDA), a folder, or ``"embedding"`` — the embedding
     model's own ``plda/`` (``embedding`` is an embedding spec with its local ``path``)."""
@@ -366,17 +362,17 @@ def resolve_plda(plda: str | Path | None, embedding: Mapping[str, Any]) -> Path 
     if str(plda) == PLDA_FROM_EMBEDDING:
         source = embedding.get("path")
         folder = Path(source) / PLDA_DIR if source else None
-        if folder is None or not _is_plda_folder(folder):
+        if folder is None or not has_plda(folder):
             raise ValueError(
                 f"plda: embedding, but the embedding model "
                 f"({embedding.get('ref') or embedding.get('checkpoint')}) "
-                f"has no {PLDA_DIR}/ with xvec_transform.npz and plda.npz; speaker models fit one when "
+                f"has no {PLDA_DIR}/ with {TRANSFORM_FILE} and {PLDA_FILE}; speaker models fit one when "
                 "they are published (retrain it with `make train-speaker`), or set a PLDA folder, or "
                 "use clustering: AgglomerativeClustering")
         return folder
     folder = Path(plda)
-    if not _is_plda_folder(folder):
-        raise ValueError(f"plda {str(plda)!r}: expected a folder with xvec_transform.npz and plda.npz")
+    if not has_plda(folder):
+        raise ValueError(f"plda {str(plda)!r}: expected a folder with {TRANSFORM_FILE} and {PLDA_FILE}")
     return folder
 
 
@@ -490,7 +486,7 @@ def save_artifact(folder: Path, segmentation: Model, *, params: Mapping[str, Any
     plda_record = None
     if plda:
         if str(plda) == PLDA_FROM_EMBEDDING:
-            if not _is_plda_folder(target / PLDA_DIR):
+            if not has_plda(target / PLDA_DIR):
                 raise ValueError(f"plda: embedding, but the artifact's embedding has no {PLDA_DIR}/")
             plda_record = f"{EMBEDDING_DIR}/{PLDA_DIR}"
         else:

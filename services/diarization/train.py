@@ -90,7 +90,7 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
                                      # with xvec_transform.npz + plda.npz
     "segmentation_step": 0.1,        # window step as a fraction of its duration (pyannote's default)
     "embedding_exclude_overlap": True,  # as pyannote's 3.1 / community-1 configs: purer embeddings
-    "initial_params": {},            # {}: model.DEFAULT_PARAMS (pyannote 3.1's); merged over them
+    "initial_params": {},            # merged over model.default_params(clustering): 3.1's / community-1's
     "freeze_params": {},             # kept fixed while tuning, e.g. {"clustering": {"method": "centroid"}}
     "optimize_iterations": 40,
     "optimize_sampler": "TPESampler",

@@ -27,7 +27,7 @@ from dramaturg.shared.grpc.errors import failed_precondition, invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.model_service import ModelService
-from dramaturg.shared.models import Loaded
+from dramaturg.shared.models import Loaded, run_in
 from dramaturg.shared.store import ModelRecord
 from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
 
@@ -65,9 +65,7 @@ class LoadedSpeakerModel:
 
     async def embed(self, waveforms: Sequence[np.ndarray], deadline: float | None) -> np.ndarray:
         if self.batcher is None:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.encoder.embed, list(waveforms)
-            )
+            return await run_in(self.executor, self.encoder.embed, list(waveforms))
         vectors = await asyncio.gather(*(self.batcher.submit(w, deadline=deadline) for w in waveforms))
         return np.stack(vectors)
 

@@ -655,7 +655,9 @@ def fit_plda(ctx: RunContext, folder: Path) -> None:
         paths = chosen.setdefault(utt.speaker, [])
         if len(paths) < per_speaker:
             paths.append(utt.path)
-    encoder = SpeakerEncoder.from_pretrained(str(folder)).eval()
+    from dramaturg.shared.model_service import pick_device
+
+    encoder = SpeakerEncoder.from_pretrained(str(folder)).to(pick_device(str(cfg["device"]))).eval()
     rate = int(encoder.config.sample_rate)
     max_seconds = float(cfg.get("eval_max_seconds", 30.0))
     waves = [load_audio(p, rate, max_seconds=max_seconds) for paths in chosen.values() for p in paths]
