@@ -55,11 +55,18 @@ class ModelServiceSettings(ServiceSettings):
 
 
 def pick_device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    import torch
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; ``cpu`` / ``cuda`` / ``cuda:N`` as given.
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    One rule for serving and training, so a config's ``device`` means the same everywhere.
+    """
+    setting = str(setting or "auto")
+    if setting == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting not in ("cpu", "cuda") and not (setting.startswith("cuda:") and setting[5:].isdigit()):
+        raise ValueError(f"device {setting!r}: expected auto, cpu, cuda or cuda:N")
+    return setting
 
 
 class ModelService(Service, abc.ABC):

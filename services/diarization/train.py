@@ -202,15 +202,11 @@ def _system(cfg: Mapping[str, Any]) -> None:
         torch.set_num_threads(int(cfg["num_threads"]))
 
 
-def pick_device(cfg: Mapping[str, Any]) -> str:
-    import torch
+def device_of(cfg: Mapping[str, Any]) -> str:
+    """The config's ``device`` by the platform's one rule (``shared.model_service.pick_device``)."""
+    from dramaturg.shared.model_service import pick_device
 
-    device = str(cfg.get("device") or "auto")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: expected auto, cpu or cuda")
-    return device
+    return pick_device(str(cfg.get("device") or "auto"))
 
 
 def open_protocol(ctx: RunContext) -> SpeakerDiarizationProtocol:
@@ -309,11 +305,13 @@ def make_trainer(cfg: Mapping[str, Any], root: Path, callbacks: Sequence[Any] = 
     """
     import lightning
 
-    device = pick_device(cfg)
+    device = device_of(cfg)
     clip = float(cfg.get("gradient_clip", 0.0) or 0.0)
+    gpu = device.startswith("cuda")
     kwargs: dict[str, Any] = {
-        "max_epochs": int(cfg.get("epochs", 1)), "devices": 1,
-        "accelerator": "gpu" if device == "cuda" else "cpu",
+        "max_epochs": int(cfg.get("epochs", 1)),
+        "devices": [int(device[5:])] if gpu and ":" in device else 1,
+        "accelerator": "gpu" if gpu else "cpu",
         "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
         "enable_model_summary": False, "num_sanity_val_steps": 0, "inference_mode": False,
         "default_root_dir": str(root), "callbacks": list(callbacks), "gradient_clip_val": clip or None,
@@ -636,7 +634,7 @@ def _pipeline_for(segmentation: Model, embedding: EmbeddingChoice, cfg: Mapping[
         segmentation_step=float(cfg["segmentation_step"]),
         embedding_exclude_overlap=bool(cfg["embedding_exclude_overlap"]),
         segmentation_batch_size=int(cfg["segmentation_batch_size"]),
-        embedding_batch_size=int(cfg["embedding_batch_size"]), device=pick_device(cfg))
+        embedding_batch_size=int(cfg["embedding_batch_size"]), device=device_of(cfg))
 
 
 def _embedding(ctx: RunContext) -> EmbeddingChoice:
