@@ -223,6 +223,41 @@ def test_pipeline_tuning_resumes_from_its_journal(trained: dict[str, Any], proto
     assert second.history[0]["clustering>threshold"] == BAD_PARAMS["clustering"]["threshold"]  # warm start
 
 
+def test_tuning_restarts_keep_the_best_study_and_resume(trained: dict[str, Any], protocol,
+                                                        tmp_path: Path) -> None:
+    """``restarts`` studies with their own sampler seeds; the winner is the best trial of any of them."""
+    dev = subset_files(protocol, "development")
+    embedding = SpeakerStoreEmbedding(tiny_speaker_encoder(seed=0))
+    journal = tmp_path / "trials.journal"
+    seen: list[int] = []
+
+    def stop_in_second_study(done: int, value: float, best: float, params: dict[str, Any]) -> bool:
+        seen.append(done)
+        return done < 6
+
+    pipeline = build_pipeline(trained["model"], embedding, segmentation_step=0.5)
+    first = tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=4, restarts=3, seed=5,
+                          journal=journal, on_trial=stop_in_second_study)
+    assert seen == [1, 2, 3, 4, 5, 6] and first.trials == 6
+    assert [row["study"] for row in first.history] == [0, 0, 0, 0, 1, 1]
+    pipeline = build_pipeline(trained["model"], embedding, segmentation_step=0.5)
+    second = tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=4, restarts=3, seed=5,
+                           journal=journal)
+    assert second.trials == 12 and second.history[:6] == first.history
+    studies = {r: [row for row in second.history if row["study"] == r] for r in range(3)}
+    assert all(len(rows) == 4 for rows in studies.values())
+    # each study starts from the initial params, then its own sampler seed takes it elsewhere
+    assert {rows[0]["clustering>threshold"] for rows in studies.values()} == {
+        BAD_PARAMS["clustering"]["threshold"]}
+    assert len({rows[1]["clustering>threshold"] for rows in studies.values()}) == 3
+    best = min(second.history, key=lambda row: row["der"])
+    assert second.best_trial_der == pytest.approx(best["der"])
+    if not second.kept_initial:
+        assert second.params["clustering"]["threshold"] == pytest.approx(best["clustering>threshold"])
+    with pytest.raises(ValueError, match="at least 1"):
+        tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=1, restarts=0)
+
+
 # ============================================================================== recipes end to end
 
 
