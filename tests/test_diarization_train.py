@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from dramaturg.services.diarization.evaluate import (
 )
 from dramaturg.services.diarization.model import (
     DEFAULT_PARAMS,
+    DiarizationPipeline,
     SpeakerStoreEmbedding,
     build_pipeline,
     build_segmentation,
@@ -200,24 +202,32 @@ def test_pipeline_optimizer_helps_and_never_hurts(trained: dict[str, Any], proto
     assert again.der == pytest.approx(bad.after.der)
 
 
+def _untuned_pipeline(trained: dict[str, Any]) -> DiarizationPipeline:
+    """A fresh pipeline over the trained tiny segmentation, as a resumed tuning run builds one."""
+    return build_pipeline(trained["model"], SpeakerStoreEmbedding(tiny_speaker_encoder(seed=0)),
+                          segmentation_step=0.5)
+
+
+def _stop_after(last: int, seen: list[int]) -> Callable[..., bool]:
+    """An ``on_trial`` hook that records each trial count and stops the tuning after ``last``."""
+
+    def hook(done: int, value: float, best: float, params: dict[str, Any]) -> bool:
+        seen.append(done)
+        return done < last
+
+    return hook
+
+
 def test_pipeline_tuning_resumes_from_its_journal(trained: dict[str, Any], protocol, tmp_path: Path) -> None:
     """A killed tuning run keeps its finished trials (Optuna journal): the next one runs only the rest."""
     dev = subset_files(protocol, "development")
-    embedding = SpeakerStoreEmbedding(tiny_speaker_encoder(seed=0))
     journal = tmp_path / "trials.journal"
     seen: list[int] = []
-
-    def stop_after_three(done: int, value: float, best: float, params: dict[str, Any]) -> bool:
-        seen.append(done)
-        return done < 3
-
-    pipeline = build_pipeline(trained["model"], embedding, segmentation_step=0.5)
-    first = tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=8, journal=journal,
-                          on_trial=stop_after_three)
+    first = tune_pipeline(_untuned_pipeline(trained), dev, initial=BAD_PARAMS, iterations=8, journal=journal,
+                          on_trial=_stop_after(3, seen))
     assert first.trials == 3 and seen == [1, 2, 3]
-    pipeline = build_pipeline(trained["model"], embedding, segmentation_step=0.5)
-    second = tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=8, journal=journal,
-                           on_trial=lambda done, *rest: seen.append(done) or True)
+    second = tune_pipeline(_untuned_pipeline(trained), dev, initial=BAD_PARAMS, iterations=8, journal=journal,
+                           on_trial=_stop_after(99, seen))
     assert second.trials == 8 and seen[3:] == [4, 5, 6, 7, 8]
     assert second.history[:3] == first.history  # the same trials, not redone
     assert second.history[0]["clustering>threshold"] == BAD_PARAMS["clustering"]["threshold"]  # warm start
@@ -227,20 +237,13 @@ def test_tuning_restarts_keep_the_best_study_and_resume(trained: dict[str, Any],
                                                         tmp_path: Path) -> None:
     """``restarts`` studies with their own sampler seeds; the winner is the best trial of any of them."""
     dev = subset_files(protocol, "development")
-    embedding = SpeakerStoreEmbedding(tiny_speaker_encoder(seed=0))
     journal = tmp_path / "trials.journal"
     seen: list[int] = []
-
-    def stop_in_second_study(done: int, value: float, best: float, params: dict[str, Any]) -> bool:
-        seen.append(done)
-        return done < 6
-
-    pipeline = build_pipeline(trained["model"], embedding, segmentation_step=0.5)
-    first = tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=4, restarts=3, seed=5,
-                          journal=journal, on_trial=stop_in_second_study)
+    first = tune_pipeline(_untuned_pipeline(trained), dev, initial=BAD_PARAMS, iterations=4, restarts=3,
+                          seed=5, journal=journal, on_trial=_stop_after(6, seen))  # stops inside study 1
     assert seen == [1, 2, 3, 4, 5, 6] and first.trials == 6
     assert [row["study"] for row in first.history] == [0, 0, 0, 0, 1, 1]
-    pipeline = build_pipeline(trained["model"], embedding, segmentation_step=0.5)
+    pipeline = _untuned_pipeline(trained)
     second = tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=4, restarts=3, seed=5,
                            journal=journal)
     assert second.trials == 12 and second.history[:6] == first.history
@@ -252,8 +255,8 @@ def test_tuning_restarts_keep_the_best_study_and_resume(trained: dict[str, Any],
     assert len({rows[1]["clustering>threshold"] for rows in studies.values()}) == 3
     best = min(second.history, key=lambda row: row["der"])
     assert second.best_trial_der == pytest.approx(best["der"])
-    if not second.kept_initial:
-        assert second.params["clustering"]["threshold"] == pytest.approx(best["clustering>threshold"])
+    assert not second.kept_initial  # BAD_PARAMS leave room: the tuned params must win
+    assert second.params["clustering"]["threshold"] == pytest.approx(best["clustering>threshold"])
     with pytest.raises(ValueError, match="at least 1"):
         tune_pipeline(pipeline, dev, initial=BAD_PARAMS, iterations=1, restarts=0)
 

@@ -743,8 +743,6 @@ def tune_pipeline(pipeline: DiarizationPipeline, files: Sequence[Any], *, initia
     try:
         for optimizer in optimizers:
             for _ in range(len(completed(optimizer.study_)), int(iterations)):
-                if stopped:
-                    break
                 first = not optimizer.study_.trials
                 optimizer.tune(files, n_iterations=1, warm_start=_unflatten(warm) if first else None,
                                show_progress=False)
@@ -754,6 +752,9 @@ def tune_pipeline(pipeline: DiarizationPipeline, files: Sequence[Any], *, initia
                 consider(optimizer)
                 if on_trial is not None and not on_trial(done, value, best[0], dict(best[1])):
                     stopped = True
+                    break
+            if stopped:
+                break
     finally:
         pipeline.legacy = legacy
     trials = [t for o in optimizers for t in completed(o.study_)]
@@ -806,8 +807,9 @@ def tune_and_publish(ctx: RunContext, segmentation: Model, embedding: EmbeddingC
 
     cfg = ctx.config
     iterations, restarts = int(cfg["optimize_iterations"]), int(cfg["optimize_restarts"])
+    planned = tuning_trials(cfg)
     offset = state.train_steps
-    total = offset + tuning_trials(cfg)
+    total = offset + planned
     every = max(1, int(cfg["checkpoint_every"]))
     state.stage = "pipeline"
     pipeline = _pipeline_for(segmentation, embedding, cfg)
@@ -819,7 +821,7 @@ def tune_and_publish(ctx: RunContext, segmentation: Model, embedding: EmbeddingC
         ctx.report(offset + done, total, float(state.epoch))
         ctx.log_metrics(offset + done, float(state.epoch),
                         {"pipeline/der_dev_trial": value, "pipeline/der_dev_best": best})
-        if done % every == 0 and done < tuning_trials(cfg):
+        if done % every == 0 and done < planned:
             state.step = offset + done
             params = _deep_merge(copy.deepcopy(dict(params0)), best_params)
 
