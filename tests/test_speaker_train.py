@@ -144,6 +144,23 @@ def test_corpus_datasets_and_collators(corpus: Path) -> None:
     paired = collate_pairs([pairs[0], pairs[1], pairs[2]])
     assert paired["input_values"].shape[0] == 6 and paired["labels"].shape == (3,)
 
+def test_variable_crops_span_the_range_and_are_padded_with_their_lengths(corpus: Path) -> None:
+    c = SpeakerCorpus(corpus)
+    base = UtteranceDataset(
+        c.train_utterances(), c.train_speakers, crop_seconds=0.8, min_crop_seconds=0.3, sample_rate=16000
+    )
+    torch.manual_seed(0)
+    items = [base[i % len(base)] for i in range(24)]
+    lengths = [item["input_values"].shape[0] for item in items]
+    assert min(lengths) >= 0.3 * 16000 and max(lengths) <= 0.8 * 16000
+    assert max(lengths) - min(lengths) > 0.2 * 16000  # drawn, not one fixed window
+    batch = collate_utterances(items[:4])
+    assert batch["lengths"].tolist() == lengths[:4] and batch["input_values"].shape[1] == max(lengths[:4])
+    with pytest.raises(ValueError, match="min_crop_seconds"):
+        UtteranceDataset(c.train_utterances(), c.train_speakers, crop_seconds=0.5, min_crop_seconds=0.6,
+                         sample_rate=16000)
+
+
 
 def test_convert_to_wav_resamples_and_downmixes(tmp_path: Path) -> None:
     src = tmp_path / "stereo.flac"

@@ -285,12 +285,16 @@ class UtteranceDataset(Dataset):
         crop_seconds: float,
         sample_rate: int,
         augment: AugmentConfig | None = None,
+        min_crop_seconds: float | None = None,
     ) -> None:
         if not utterances:
             raise ValueError("no training utterances")
+        if min_crop_seconds is not None and not 0 < min_crop_seconds <= crop_seconds:
+            raise ValueError(f"min_crop_seconds must be in (0, crop_seconds={crop_seconds}], got {min_crop_seconds}")
         self.utterances = list(utterances)
         self.speaker_index = {s: i for i, s in enumerate(speakers)}
         self.crop_seconds = crop_seconds
+        self.min_crop_seconds = min_crop_seconds
         self.sample_rate = sample_rate
         augment = augment or AugmentConfig()
         self.augmenter = (
@@ -304,13 +308,25 @@ class UtteranceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.utterances)
 
+    def crop_length(self) -> float:
+        """Seconds of the next crop: ``crop_seconds``, or uniform in [min_crop_seconds, crop_seconds].
+
+        Variable lengths (the collator pads, the encoder masks) teach the embedding the short,
+        uneven segments a diarization pipeline hands it, not only one fixed window.
+        """
+        if self.min_crop_seconds is None:
+            return self.crop_seconds
+        u = float(torch.rand(()).item())
+        return self.min_crop_seconds + u * (self.crop_seconds - self.min_crop_seconds)
+
     def crop(self, utterance: Utterance) -> torch.Tensor:
-        crop = round(self.crop_seconds * self.sample_rate)
+        seconds = self.crop_length()
+        crop = round(seconds * self.sample_rate)
         if self.augmenter is None:
-            return random_crop(utterance.path, self.crop_seconds, self.sample_rate)
+            return random_crop(utterance.path, seconds, self.sample_rate)
         # Read a little more so speed perturbation (which shortens or stretches) still fills the crop.
         margin = max(self.augmenter.config.speeds) if self.augmenter.config.speed_perturb else 1.0
-        wav = self.augmenter(random_crop(utterance.path, self.crop_seconds * margin, self.sample_rate))
+        wav = self.augmenter(random_crop(utterance.path, seconds * margin, self.sample_rate))
         return wav[:crop]
 
     def __getitem__(self, index: int) -> dict[str, Any]:

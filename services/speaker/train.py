@@ -82,6 +82,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "max_grad_norm": 5.0,
     "crop_seconds": 1.0,
+    "min_crop_seconds": None,  # set: each crop's length is drawn in [min_crop_seconds, crop_seconds]
     # --- augmentation
     "speed_perturb": False,
     "channel_prob": 0.0,  # random band limits + EQ (another microphone)
@@ -311,6 +312,7 @@ def prepare(
         corpus.train_utterances(),
         corpus.train_speakers,
         crop_seconds=float(cfg["crop_seconds"]),
+        min_crop_seconds=None if cfg["min_crop_seconds"] is None else float(cfg["min_crop_seconds"]),
         sample_rate=int(encoder.config.sample_rate),
         augment=augment,
     )
