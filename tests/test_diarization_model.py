@@ -97,6 +97,44 @@ def test_saved_artifact_reloads_to_identical_outputs(tmp_path: Path, scene: Path
     assert not np.array_equal(_segment_scores(other, scene), _segment_scores(built, scene))
 
 
+def test_regions_end_on_their_last_active_frame(tmp_path: Path, scene: Path) -> None:
+    """pyannote's task labels a region's end frame as active, so the region must end on that frame's
+    centre, not on the next one's (``Binarize``'s rule, kept with ``offset_at_last_frame=False``)."""
+    from pyannote.core import Segment, SlidingWindow, SlidingWindowFeature
+
+    frames = SlidingWindow(start=0.0, duration=0.05, step=0.02)  # frame i centred on 0.025 + 0.02 i
+    activity = np.zeros((50, 2), dtype=np.int8)
+    activity[10:20, 0] = 1   # centres 0.225 … 0.405
+    activity[30:31, 1] = 1   # one frame: nothing left once it ends on its own centre
+    activity[40:45, 1] = 1   # centres 0.825 … 0.905
+    discrete = SlidingWindowFeature(activity, frames)
+    pipeline = build_pipeline(_segmentation(seed=1), SpeakerStoreEmbedding(tiny_speaker_encoder(seed=2)),
+                              segmentation_step=0.5)
+    assert pipeline.offset_at_last_frame
+    ours = pipeline.to_annotation(discrete).itertracks(yield_label=True)
+    assert [(round(s.start, 3), round(s.end, 3), label) for s, _, label in ours] \
+        == [(0.225, 0.405, 0), (0.825, 0.905, 1)]
+    pipeline.offset_at_last_frame = False
+    theirs = pipeline.to_annotation(discrete)
+    assert [(round(s.start, 3), round(s.end, 3)) for s in theirs.itersegments()] \
+        == [(0.225, 0.425), (0.625, 0.645), (0.825, 0.925)]
+    assert theirs.label_timeline(1).crop(Segment(0.6, 0.7)).duration() > 0  # pyannote keeps the 1-frame one
+
+    # the choice is part of the artifact; artifacts written before it existed load with pyannote's rule
+    encoder = tiny_speaker_encoder(seed=2)
+    for flag in (True, False):
+        folder = tmp_path / f"art-{flag}"
+        save_artifact(folder, _segmentation(seed=1), params=DEFAULT_PARAMS,
+                      embedding={"kind": "speaker-store", "ref": "untrained:ecapa", "model": encoder},
+                      metrics={}, segmentation_step=0.5, offset_at_last_frame=flag)
+        assert read_artifact(folder)["offset_at_last_frame"] is flag
+        assert load_pipeline(folder).offset_at_last_frame is flag
+    spec = json.loads((folder / PIPELINE_FILE).read_text())
+    del spec["offset_at_last_frame"]
+    (folder / PIPELINE_FILE).write_text(json.dumps(spec))
+    assert load_pipeline(folder).offset_at_last_frame is False
+
+
 def test_speaker_store_embedding_adapter(tmp_path: Path) -> None:
     encoder = tiny_speaker_encoder(seed=0)
     inference = PretrainedSpeakerEmbedding(SpeakerStoreEmbedding(encoder, min_seconds=0.1))

@@ -90,6 +90,7 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
                                      # with xvec_transform.npz + plda.npz
     "segmentation_step": 0.1,        # window step as a fraction of its duration (pyannote's default)
     "embedding_exclude_overlap": True,  # as pyannote's 3.1 / community-1 configs: purer embeddings
+    "offset_at_last_frame": True,    # regions end on their last active frame (model.DiarizationPipeline)
     "initial_params": {},            # merged over model.default_params(clustering): 3.1's / community-1's
     "freeze_params": {},             # kept fixed while tuning, e.g. {"clustering": {"method": "centroid"}}
     "optimize_iterations": 40,
@@ -634,6 +635,7 @@ def _pipeline_for(segmentation: Model, embedding: EmbeddingChoice, cfg: Mapping[
         plda=resolve_plda(str(cfg["plda"] or ""), embedding.spec),
         segmentation_step=float(cfg["segmentation_step"]),
         embedding_exclude_overlap=bool(cfg["embedding_exclude_overlap"]),
+        offset_at_last_frame=bool(cfg["offset_at_last_frame"]),
         segmentation_batch_size=int(cfg["segmentation_batch_size"]),
         embedding_batch_size=int(cfg["embedding_batch_size"]), device=device_of(cfg))
 
@@ -653,7 +655,8 @@ def _save_pipeline_artifact(folder: Path, segmentation: Model, params: Mapping[s
     save_artifact(folder, segmentation, params=params, embedding=embedding.spec, metrics=metrics,
                   clustering=str(cfg["clustering"]), plda=str(cfg["plda"]) or None,
                   segmentation_step=float(cfg["segmentation_step"]),
-                  embedding_exclude_overlap=bool(cfg["embedding_exclude_overlap"]))
+                  embedding_exclude_overlap=bool(cfg["embedding_exclude_overlap"]),
+                  offset_at_last_frame=bool(cfg["offset_at_last_frame"]))
 
 
 def evaluate_start(ctx: RunContext, segmentation: Model, embedding: EmbeddingChoice,

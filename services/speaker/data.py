@@ -290,7 +290,9 @@ class UtteranceDataset(Dataset):
         if not utterances:
             raise ValueError("no training utterances")
         if min_crop_seconds is not None and not 0 < min_crop_seconds <= crop_seconds:
-            raise ValueError(f"min_crop_seconds must be in (0, crop_seconds={crop_seconds}], got {min_crop_seconds}")
+            raise ValueError(
+                f"min_crop_seconds must be in (0, crop_seconds={crop_seconds}], got {min_crop_seconds}"
+            )
         self.utterances = list(utterances)
         self.speaker_index = {s: i for i, s in enumerate(speakers)}
         self.crop_seconds = crop_seconds
