@@ -360,7 +360,7 @@ class DiarizationPipeline(SpeakerDiarization):
         end frame included, so a trained model's last active frame is the one centred nearest the
         true end; ``Binarize`` ends a region at the *next* (first inactive) frame's centre, one frame
         late at every offset while onsets are exact. Measured on the cpu-quick test scenes: offsets
-        +35 ms late (median; 33.75 ms frames), onsets 0 ms; the late frame scored 2.1 of the 6.0
+        +35 ms late (median; 33.75 ms frames), onsets 0 ms; the late frame scored 2.3 of the 6.0
         points of false alarm (README). ``offset_at_last_frame=False`` is pyannote's conversion.
         """
         if not self.offset_at_last_frame:
