@@ -15,6 +15,11 @@ default 60; ``--quick`` makes it 5):
   What is left between this and the service is the service's own cost (gRPC, validation,
   confidences) or saving (the clustering cap, on files long enough for it to engage).
 
+The pyannote variants load the artifact with ``load_pipeline``: pyannote's ``SpeakerDiarization``
+class with the project's two additions (the optimal-mapping DER for tuning, and regions that end on
+their last active frame when the artifact says so) — neither costs measurable time, and both sides
+then produce the same regions, so the agreement DER isolates the service's own effect.
+
 Each variant runs in a fresh child process (so its peak RSS, ``ru_maxrss``, is its own: model,
 warm-up and the long file) after a warm-up call on one scene; the RTF is processing seconds / audio
 seconds. DER (collar 0, overlap scored) of each against the synthetic reference, and of the service
