@@ -7,7 +7,8 @@ hyper-parameters tuned on a development set (``segmentation.min_duration_off``,
 ``clustering.threshold`` / ``method`` / ``min_cluster_size``). One model-store version holds all
 of it (:func:`save_artifact`)::
 
-    pipeline.json                   embedding spec, clustering, params, DER figures, collar convention
+    pipeline.json                   embedding spec, clustering, region-end rule, params, DER figures,
+                                    collar convention
     segmentation/pytorch_model.bin  a pyannote checkpoint: Model.from_pretrained(folder / "segmentation")
     embedding/                      SpeakerEncoder.save_pretrained (kind "speaker-store")
                                     or a pyannote checkpoint (kind "pyannote")
@@ -345,7 +346,9 @@ class DiarizationPipeline(SpeakerDiarization):
     pyannote's ``get_metric`` is a greedy-mapping DER; the optimiser here minimises the
     optimal-mapping ``DiarizationErrorRate`` with :data:`DER_VARIANT` on the UEM, the figure every
     report quotes, so the tuned parameters are the best ones by the published metric.
-    ``default_parameters`` follows the clustering (pyannote's are VBx's).
+    ``default_parameters`` follows the clustering (pyannote's are VBx's). With
+    ``offset_at_last_frame`` (the default for new pipelines) regions end one frame earlier than
+    pyannote's, on the frame a pyannote-trained model marks as a turn's last (``to_annotation``).
     """
 
     def __init__(self, *args: Any, offset_at_last_frame: bool = True, **kwargs: Any) -> None:
