@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.requests = 64
     import torch
-    from dramaturg.services.speaker.model import SpeakerEncoder, SpeakerEncoderConfig, build_encoder
     from dramaturg.shared.store import ModelStore
+    from dramaturg.shared.voice.encoder import SpeakerEncoder, SpeakerEncoderConfig, build_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)

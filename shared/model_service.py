@@ -22,7 +22,8 @@ from dramaturg.shared.config import ServiceSettings, dramaturg_home
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.models import MODEL_REPOSITORY, ModelManager, ModelRepositoryServicer, run_in
-from dramaturg.shared.service import RECIPES, Service
+from dramaturg.shared.registry import recipes_path
+from dramaturg.shared.service import Service
 from dramaturg.shared.store import ModelRecord, ModelStore
 from dramaturg.training.v1 import training_pb2, training_pb2_grpc
 from pydantic import Field
@@ -73,7 +74,7 @@ class ModelService(Service, abc.ABC):
     """Base of the five model services."""
 
     name: str
-    # Where the Training RPCs find the recipes; empty: the service's entry in shared.service.RECIPES.
+    # Where the Training RPCs find the recipes; empty: the service's registry entry (shared/registry.py).
     recipes_import_path: str = ""
 
     def __init__(self, settings: ModelServiceSettings, home: Path | None = None) -> None:
@@ -97,10 +98,7 @@ class ModelService(Service, abc.ABC):
             release=self.release_model,
             executor=self.executor,
         )
-        self.recipes_import_path = self.recipes_import_path or RECIPES.get(self.name) or ""
-        if not self.recipes_import_path:
-            raise ValueError(f"no training recipes registered for the {self.name} service "
-                             "(shared/service.py: RECIPES)")
+        self.recipes_import_path = self.recipes_import_path or recipes_path(self.name)
         self.runner = TrainingRunner(
             self.home,
             self.name,

@@ -1,9 +1,10 @@
 """The lifecycle every dramaturg service shares: bind, load, serve, drain.
 
 A service is a small class that lists the gRPC services it mounts and knows how to load and release
-its model. :func:`run_service` does the rest the same way for all of them: the server binds first (so
-health probes answer NOT_SERVING during a long model load), then the model loads, then health flips
-to SERVING; SIGTERM drains.
+its model (which services exist is the business of :mod:`dramaturg.shared.registry`).
+:func:`run_service` does the rest the same way for all of them: the server binds first (so health
+probes answer NOT_SERVING during a long model load), then the model loads, then health flips to
+SERVING; SIGTERM drains.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -20,49 +20,6 @@ from dramaturg.shared.config import ServerSettings
 from dramaturg.shared.grpc.server import GrpcServer, Registration
 
 log = logging.getLogger(__name__)
-
-# Every service the platform knows, built or not; `dramaturg serve NAME` imports the factory.
-SERVICES: dict[str, str | None] = {
-    "gateway": "dramaturg.services.gateway.server:create_service",
-    "speaker": "dramaturg.services.speaker.server:create_service",
-    "diarization": "dramaturg.services.diarization.server:create_service",
-    "tts": None,
-    "audiollm": None,
-    "evaluator": None,
-}
-
-
-# Where each model service keeps its training recipes (import path of name → Recipe); None: not built.
-RECIPES: dict[str, str | None] = {
-    "speaker": "dramaturg.services.speaker.train:RECIPES",
-    "diarization": "dramaturg.services.diarization.train:RECIPES",
-    "tts": None,
-    "audiollm": None,
-    "evaluator": None,
-}
-
-
-class ServiceNotBuilt(RuntimeError):
-    """Raised for a service whose folder exists in the plan but not yet in the code."""
-
-
-def built_services() -> list[str]:
-    return [name for name, target in SERVICES.items() if target]
-
-
-def model_services() -> list[str]:
-    return [name for name in built_services() if name != "gateway"]
-
-
-def load_factory(name: str):
-    if name not in SERVICES:
-        raise KeyError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
-    target = SERVICES[name]
-    if not target:
-        raise ServiceNotBuilt(f"the {name} service is not built yet (see README: status)")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
 
 class Service(abc.ABC):
     """A dramaturg service: the gRPC services it mounts, plus how to load and release its model."""

@@ -214,9 +214,9 @@ def test_workloads_follow_the_serving_conventions(overlay: str) -> None:
     deployments, services = objects(docs, "Deployment"), objects(docs, "Service")
     configmaps, claims = objects(docs, "ConfigMap"), objects(docs, "PersistentVolumeClaim")
     assert set(deployments) == {"gateway", *model_services()}
-    from dramaturg.shared.service import SERVICES, built_services
+    from dramaturg.shared.registry import built_services, known_names
 
-    assert set(model_services()) <= set(SERVICES), "deploy/k8s/base has a folder for an unknown service"
+    assert set(model_services()) <= set(known_names()), "deploy/k8s/base has a folder for an unknown service"
     missing = set(built_services()) - set(deployments)
     assert not missing, f"built services without manifests (deploy/README.md, Adding a service): {missing}"
     assert deployments["gateway"]["spec"]["replicas"] == 1, "SQLite job store: one gateway replica"

@@ -214,7 +214,7 @@ def test_default_artifact_prefers_the_store_default_speaker_model(tmp_path: Path
 def test_vbx_artifact_with_the_embedding_models_plda(tmp_path: Path, scene: Path) -> None:
     """``plda: embedding``: the speaker model's own PLDA drives VBx, travels inside the artifact
     (``embedding/plda``) and the reloaded pipeline gives the same diarization."""
-    from dramaturg.services.speaker.plda import fit_for_encoder
+    from dramaturg.shared.voice.plda import fit_for_encoder
 
     encoder = tiny_speaker_encoder(seed=2)
     encoder.save_pretrained(str(tmp_path / "voices"))

@@ -111,8 +111,8 @@ def voice(seed: int, seconds: float = 1.5) -> common_pb2.AudioInput:
 
 def publish_tiny_speaker_model(home: Path) -> None:
     import torch
-    from dramaturg.services.speaker.model import SpeakerEncoderConfig, build_encoder
     from dramaturg.shared.store import ModelStore
+    from dramaturg.shared.voice.encoder import SpeakerEncoderConfig, build_encoder
 
     torch.manual_seed(0)
     encoder = build_encoder(SpeakerEncoderConfig(architecture="ecapa", threshold=0.8))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dramaturg.services.speaker.model import (
+from dramaturg.shared.voice.encoder import (
     POOLINGS,
     TINY_WAV2VEC2,
     SpeakerEncoder,
@@ -160,7 +160,7 @@ def test_embed_nothing() -> None:
 
 def test_speechbrain_checkpoint_loads_through_encoder_classifier(tmp_path: Path) -> None:
     """The spkrec-ecapa-voxceleb path, offline: a local folder laid out like the hub repository."""
-    from dramaturg.services.speaker.model import build_encoder
+    from dramaturg.shared.voice.encoder import build_encoder
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
     lobe = {

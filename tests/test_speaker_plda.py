@@ -1,4 +1,4 @@
-"""services/speaker/plda.py: a VBx PLDA fitted here is one pyannote loads and that separates speakers."""
+"""shared/voice/plda.py: a VBx PLDA fitted here is one pyannote loads and that separates speakers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dramaturg.services.speaker.plda import crops_for_plda, fit_vbx_plda, has_plda
+from dramaturg.shared.voice.plda import crops_for_plda, fit_vbx_plda, has_plda
 
 
 def _speakers(n_speakers: int, per_speaker: int, dim: int, seed: int, identity_dims: int = 8

@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
 from dramaturg.services.speaker.config import SpeakerSettings
-from dramaturg.services.speaker.model import SpeakerEncoder, SpeakerEncoderConfig, build_encoder
 from dramaturg.services.speaker.server import SpeakerService
 from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.store import ModelStore
+from dramaturg.shared.voice.encoder import SpeakerEncoder, SpeakerEncoderConfig, build_encoder
 from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
 from helpers import ServerThread
 from prometheus_client import REGISTRY

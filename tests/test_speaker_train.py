@@ -32,7 +32,6 @@ from dramaturg.services.speaker.data import (
 )
 from dramaturg.services.speaker.evaluate import asnorm_scores, eer_min_dcf, evaluate_trials
 from dramaturg.services.speaker.heads import build_head
-from dramaturg.services.speaker.model import SpeakerEncoder, SpeakerEncoderConfig
 from dramaturg.services.speaker.train import (
     RECIPES,
     RECIPES_DIR,
@@ -46,6 +45,7 @@ from dramaturg.shared.store import ModelStore
 from dramaturg.shared.training import TRAINER_STATE_DIR, TrainingRunner
 from dramaturg.shared.training.recipe import RunContext, merge_config
 from dramaturg.shared.training.runs import EVENTS_FILE, EventLog, RunRecord, process_alive, save_run
+from dramaturg.shared.voice.encoder import SpeakerEncoder, SpeakerEncoderConfig
 from helpers import wait_for
 
 log = logging.getLogger(__name__)

@@ -6,3 +6,15 @@ pyannote.database protocol, and ``train`` holds the recipes the shared training 
 (segmentation fine-tuning, then pipeline hyper-parameter optimisation). Importing this package is
 cheap: torch and pyannote load with the submodules that need them.
 """
+
+from dramaturg.shared.registry import ServiceEntry
+
+SERVICE = ServiceEntry(
+    name="diarization",
+    factory="dramaturg.services.diarization.server:create_service",
+    settings="dramaturg.services.diarization.config:DiarizationSettings",
+    recipes="dramaturg.services.diarization.train:RECIPES",
+    demo_config="recipes/cpu-quick.yaml",
+    extra="diarization",
+    description="who spoke when (pyannote pipeline)",
+)

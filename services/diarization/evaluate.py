@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dramaturg.services.diarization.model import DER_VARIANT, diarize
+from dramaturg.shared.scoring import der_metric
 from pyannote.database import FileFinder, get_annotated
 from pyannote.database.protocol import SpeakerDiarizationProtocol
 from pyannote.database.registry import Registry
@@ -77,12 +78,6 @@ def subset_files(protocol: SpeakerDiarizationProtocol, subset: str) -> list[Any]
 
 
 # ============================================================================================= DER
-
-
-def der_metric(collar: float = DER_VARIANT["collar"], skip_overlap: bool = DER_VARIANT["skip_overlap"]
-               ) -> DiarizationErrorRate:
-    """The project's DER (see the module docstring); ``collar`` is pyannote's total width in seconds."""
-    return DiarizationErrorRate(collar=float(collar), skip_overlap=bool(skip_overlap))
 
 
 @dataclass(frozen=True)

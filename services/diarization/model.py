@@ -16,7 +16,7 @@ of it (:func:`save_artifact`)::
 
 VBx clustering (pyannote's community-1 pipeline) scores embeddings with a PLDA. ``plda: embedding``
 takes the one shipped with the embedding model — speaker-service models fit one on their training
-speakers when they are published (``services/speaker/plda.py``), as community-1 ships its PLDA next
+speakers when they are published (``shared/voice/plda.py``), as community-1 ships its PLDA next
 to its WeSpeaker embedding; any other folder with the two files is copied into the artifact.
 
 The embedding comes from one of two places:
@@ -48,13 +48,19 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning
 import numpy as np
 import torch
-import torch.nn.functional as F
-from dramaturg.services.speaker.plda import PLDA_DIR, PLDA_FILE, TRANSFORM_FILE, has_plda
+from dramaturg.shared.scoring import DER_CONVENTION, DER_VARIANT
+from dramaturg.shared.voice.plda import PLDA_DIR, PLDA_FILE, TRANSFORM_FILE, has_plda
+from dramaturg.shared.voice.pyannote_embedding import (
+    TINY_EMBEDDING,
+    SpeakerStoreEmbedding,
+    load_speaker_encoder,
+    tiny_speaker_encoder,
+)
 from pyannote.audio import Model
 from pyannote.audio import __version__ as pyannote_audio_version
 from pyannote.audio.core.plda import PLDA
@@ -65,10 +71,6 @@ from pyannote.audio.telemetry import set_telemetry_metrics
 from pyannote.audio.utils.signal import Binarize
 from pyannote.core import Annotation, SlidingWindowFeature
 from pyannote.metrics.diarization import DiarizationErrorRate
-from torch.nn.utils.rnn import pad_sequence
-
-if TYPE_CHECKING:
-    from dramaturg.services.speaker.model import SpeakerEncoder
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +87,6 @@ PLDA_FROM_EMBEDDING = "embedding"  # the recipes' ``plda`` value for "the PLDA n
 CHECKPOINT_FILE = "pytorch_model.bin"  # pyannote's AssetFileName.Model: what from_pretrained(folder) reads
 EMBEDDING_KINDS = ("speaker-store", "pyannote")
 CLUSTERINGS = ("AgglomerativeClustering", "VBxClustering")
-
-# DER as the project reports it (REFERENCE.md): no forgiveness collar, overlapped speech scored,
-# always on the UEM. pyannote's ``collar`` is the TOTAL width around each reference boundary, so
-# pyannote collar=0.5 is md-eval's ``-c 0.25``; 0.0 is the same in both.
-DER_VARIANT: dict[str, Any] = {"collar": 0.0, "skip_overlap": False}
-DER_CONVENTION: dict[str, Any] = {
-    **DER_VARIANT, "uem": True, "mapping": "optimal (Hungarian)",
-    "note": "pyannote collar is the total width (collar=0.5 == md-eval -c 0.25); 0.0 = none",
-}
 
 # Small enough to train on two CPU cores in minutes. Production (recipes/segmentation-3.0.yaml)
 # starts from pyannote/segmentation-3.0 instead (PyanNet, sincnet stride 10, 2x128 BiLSTM, 10 s).
@@ -114,8 +107,6 @@ VBX_DEFAULT_PARAMS: dict[str, Any] = {
     "segmentation": {"min_duration_off": 0.0},
     "clustering": {"threshold": 0.6, "Fa": 0.07, "Fb": 0.8},
 }
-# The embedding of the tests and of the embedded default: the speaker service's tiny ECAPA.
-TINY_EMBEDDING: dict[str, Any] = {"architecture": "ecapa"}
 
 
 # ===================================================================================== segmentation
@@ -203,62 +194,6 @@ def segmentation_info(model: Model) -> dict[str, Any]:
 
 
 # ======================================================================================== embedding
-
-
-class SpeakerStoreEmbedding(Model):
-    """A dramaturg ``SpeakerEncoder`` dressed as a pyannote embedding model (see the module docstring).
-
-    ``forward(waveforms, weights)`` is the contract pyannote's embedding wrapper calls: waveforms
-    (batch, 1, samples) of one segmentation window each, weights (batch, frames) the frame mask of
-    one local speaker at the segmentation model's resolution. The mask is stretched to samples
-    (nearest, > 0.5, as pyannote's SpeechBrain wrapper does), the selected samples of each row are
-    concatenated and padded into one batch (the encoder batches exactly), and rows with fewer than
-    ``min_samples`` selected samples come back as NaN, which the clustering skips. A call without
-    weights that is shorter than ``min_samples`` raises: pyannote probes ``min_num_samples`` that way.
-    """
-
-    def __init__(self, encoder: SpeakerEncoder, min_seconds: float = 0.1) -> None:
-        super().__init__(sample_rate=int(encoder.config.sample_rate), num_channels=1)
-        self.encoder = encoder.eval()
-        self.min_samples = max(1, round(float(min_seconds) * int(encoder.config.sample_rate)))
-
-    @property
-    def dimension(self) -> int:
-        return int(self.encoder.embedding_size)
-
-    def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        wav = waveforms.reshape(waveforms.shape[0], -1) if waveforms.ndim == 3 else waveforms
-        batch, samples = wav.shape
-        if weights is None:
-            if samples < self.min_samples:
-                raise ValueError(f"{samples} samples: the embedding needs at least {self.min_samples}")
-            keep = torch.ones_like(wav, dtype=torch.bool)
-        else:
-            stretched = F.interpolate(weights.to(wav.dtype).unsqueeze(1), size=samples, mode="nearest")
-            keep = stretched.squeeze(1) > 0.5
-        lengths = keep.sum(dim=1)
-        out = torch.full((batch, self.dimension), float("nan"), dtype=torch.float32, device=wav.device)
-        rows = torch.nonzero(lengths >= self.min_samples).flatten()
-        if rows.numel():
-            padded = pad_sequence([wav[i][keep[i]] for i in rows.tolist()], batch_first=True)
-            vectors = self.encoder(padded, lengths=lengths[rows])
-            out[rows] = F.normalize(vectors.float(), dim=-1)
-        return out
-
-
-def tiny_speaker_encoder(seed: int = 0, config: Mapping[str, Any] | None = None) -> SpeakerEncoder:
-    """An untrained speaker-service encoder (default: tiny ECAPA), the same for the same seed."""
-    from dramaturg.services.speaker.model import SpeakerEncoderConfig, build_encoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build_encoder(SpeakerEncoderConfig(**{**TINY_EMBEDDING, **dict(config or {})})).eval()
-
-
-def load_speaker_encoder(folder: str | Path) -> SpeakerEncoder:
-    from dramaturg.services.speaker.model import SpeakerEncoder
-
-    return SpeakerEncoder.from_pretrained(str(folder)).eval()
 
 
 def load_pyannote_embedding(checkpoint: str | Path, subfolder: str | None = None) -> Model:

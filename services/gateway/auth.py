@@ -7,35 +7,15 @@ every ``dramaturg.gateway.v1.Gateway`` call needs ``authorization: Bearer <token
 from __future__ import annotations
 
 import hmac
-import os
-import secrets
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
 from dramaturg.shared.grpc.errors import unauthenticated
+from dramaturg.shared.tokens import TOKEN_ENV, ensure_token_file, resolve_token
+
+__all__ = ["TOKEN_ENV", "BearerTokenInterceptor", "ensure_token_file", "resolve_token"]
 
 PROTECTED_PREFIX = "/dramaturg."
-TOKEN_ENV = "DRAMATURG_API_TOKEN"
-
-
-def resolve_token(configured: str | None, home: Path) -> str | None:
-    """The token in force: the environment, else the config file, else ``$DRAMATURG_HOME/api-token``."""
-    token = os.environ.get(TOKEN_ENV) or configured
-    if not token:
-        path = home / "api-token"
-        if path.exists():
-            token = path.read_text().strip()
-    return token or None
-
-
-def ensure_token_file(home: Path) -> tuple[str, Path]:
-    """Create ``$DRAMATURG_HOME/api-token`` (mode 600) if missing; return the token and its path."""
-    path = home / "api-token"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(32) + "\n")
-        path.chmod(0o600)
-    return path.read_text().strip(), path
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

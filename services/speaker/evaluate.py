@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dramaturg.services.speaker.data import SpeakerCorpus, Trial, load_audio
-from dramaturg.services.speaker.model import SpeakerEncoder
+from dramaturg.shared.voice.encoder import SpeakerEncoder
 from speechbrain.utils.metric_stats import EER, minDCF
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ version that enrolled them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.model_service import ModelService
 from dramaturg.shared.models import Loaded, run_in
 from dramaturg.shared.store import ModelRecord
+from dramaturg.shared.validation import require_finite
 from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
     ) -> np.ndarray:
         began = time.perf_counter()
         vectors = await model.embed([a.samples for a in audios], deadline_of(context))
+        require_finite(vectors, f"the {method} embeddings", model=model.record.ref)
         seconds = sum(a.duration for a in audios)
         metrics.observe_audio(SERVICE, method, seconds, time.perf_counter() - began)
         return vectors
@@ -184,6 +187,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
             vectors = await self._embed([*ref_audio, *test], model, context, "Verify")
             reference, test_vector = vectors[0], vectors[1]
         score = float(np.dot(reference, test_vector))
+        require_finite([score], "the Verify score", model=model.record.ref)  # a voice stored before the guard
         return speaker_pb2.VerifyResponse(
             request_id=request.request_id,
             score=score,
@@ -226,9 +230,10 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
                 )
         if not request.HasField("audio"):
             raise invalid_argument("audio", "set the audio to identify")
-        whole_limits = audio_io.AudioLimits(
-            max_seconds=self.settings.max_seconds * 12, allowed_uri_roots=self.settings.audio_uri_roots
-        )
+        # Embed's rules for the file, bar its length (identify_max_seconds: a scene holds many segments);
+        # each segment then gets exactly Embed's rules (length, silence) through check_clip.
+        limits = self._limits()
+        whole_limits = dataclasses.replace(limits, max_seconds=self.settings.identify_max_seconds)
         whole = await asyncio.to_thread(
             audio_io.decode_audio_input,
             request.audio,
@@ -240,16 +245,10 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
         clips = []
         for i, span in enumerate(spans):
             clip = audio_io.crop(whole, span, field=f"segments[{i}]")
-            if clip.duration < self.settings.min_seconds:
-                raise invalid_argument(
-                    f"segments[{i}]",
-                    f"{clip.duration:.2f}s is too short to identify; "
-                    f"segments need at least {self.settings.min_seconds:g}s",
-                )
-            clips.append(clip)
+            clips.append(audio_io.check_clip(clip, limits, f"segments[{i}]"))
         vectors = await self._embed(clips, model, context, "Identify")
         bank = np.stack([v.embedding for v in voices])
-        scores = vectors @ bank.T
+        scores = require_finite(vectors @ bank.T, "the Identify scores", model=model.record.ref)
         top_k = min(request.top_k or self.settings.default_top_k, len(voices))
         results = []
         for span, row in zip(spans, scores, strict=True):
@@ -289,7 +288,7 @@ class SpeakerService(ModelService):
         self.voices = VoiceRegistry(self.home / "voices" / SERVICE)
 
     def load_model(self, record: ModelRecord, device: str) -> LoadedSpeakerModel:
-        from dramaturg.services.speaker.model import SpeakerEncoder
+        from dramaturg.shared.voice.encoder import SpeakerEncoder
 
         encoder = SpeakerEncoder.from_pretrained(str(record.path)).to(device).eval()
         return LoadedSpeakerModel(encoder, record, self.settings, self.executor)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from dramaturg.services.speaker.data import SpeakerCorpus
     from dramaturg.services.speaker.evaluate import VerificationResult
     from dramaturg.services.speaker.heads import SpeakerTrainingModel
-    from dramaturg.services.speaker.model import SpeakerEncoder
+    from dramaturg.shared.voice.encoder import SpeakerEncoder
     from torch.utils.data import Dataset
     from transformers import TrainerCallback
 
@@ -263,7 +263,7 @@ def make_encoder(
     cfg: Mapping[str, Any], *, resume_from: Path | None = None, base_model: Path | None = None
 ) -> SpeakerEncoder:
     """The encoder to train: a checkpoint's (resume), a published model's (fine-tune), or a new one."""
-    from dramaturg.services.speaker.model import SpeakerEncoder, build_encoder
+    from dramaturg.shared.voice.encoder import SpeakerEncoder, build_encoder
 
     if resume_from is not None:  # the Trainer restores the weights; the folder gives the exact config
         return SpeakerEncoder.from_pretrained(str(resume_from))
@@ -644,8 +644,8 @@ def fit_plda(ctx: RunContext, folder: Path) -> None:
     too few training speakers for one.
     """
     from dramaturg.services.speaker.data import SpeakerCorpus, load_audio
-    from dramaturg.services.speaker.model import SpeakerEncoder
-    from dramaturg.services.speaker.plda import PLDA_DIR, fit_for_encoder
+    from dramaturg.shared.voice.encoder import SpeakerEncoder
+    from dramaturg.shared.voice.plda import PLDA_DIR, fit_for_encoder
 
     cfg = ctx.config
     if ctx.dataset_path is None:

@@ -84,13 +84,14 @@ def ensure_model(home: Path, service: str) -> None:
     The speaker model comes first: the diarization recipe's pipeline embeds with the speaker
     service's default model (one voice model for the platform).
     """
+    from dramaturg.shared import registry
     from dramaturg.shared.cli import train
     from dramaturg.shared.cli.stack import has_model
-    from dramaturg.shared.service import RECIPES
 
-    if not RECIPES.get(service) or has_model(home, service):
+    entry = registry.get(service)
+    if not entry.demo_config or has_model(home, service):
         return
-    config = Path(__file__).resolve().parents[2] / "services" / service / "recipes" / "cpu-quick.yaml"
+    config = entry.resource(entry.demo_config)
     console.print(f"     no {service} model yet: training the embedded default ({config.name}, CPU, minutes)")
     args = argparse.Namespace(service=service, config=str(config), recipe=None, dataset=None, set=[],
                               list_recipes=False, metrics_port=0)
@@ -246,7 +247,7 @@ def reference_annotation(corpus: Path, uri: str):
 
 def score_rttm(rttm: str, reference, uem) -> dict[str, float]:
     """DER of the job's RTTM against the reference: collar 0, overlap scored, on the UEM."""
-    from dramaturg.services.diarization.evaluate import der_metric
+    from dramaturg.shared.scoring import der_metric
     from pyannote.core import Annotation, Segment
 
     hypothesis = Annotation()

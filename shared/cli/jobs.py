@@ -35,7 +35,7 @@ def gateway_target(explicit: str | None) -> str:
 
 
 def api_token() -> str | None:
-    from dramaturg.services.gateway.auth import resolve_token
+    from dramaturg.shared.tokens import resolve_token
 
     return resolve_token(None, dramaturg_home())
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from dramaturg.shared import registry
 from dramaturg.shared.config import load_settings
 from dramaturg.shared.logs import configure_logging
-from dramaturg.shared.service import SERVICES, ServiceNotBuilt, load_factory, serve_forever
+from dramaturg.shared.service import serve_forever
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one service (gRPC + /metrics) in the foreground")
-    p.add_argument("service", choices=sorted(SERVICES))
+    p.add_argument("service", choices=registry.known_names())
     p.add_argument("--config", help="YAML settings file (see services/<name>/config.py)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=None, help="gRPC port")
@@ -22,14 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def settings_class(name: str):
-    factory = load_factory(name)
-    return importlib.import_module(factory.__module__).SETTINGS
+    return registry.get(name).load_settings_class()
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        factory = load_factory(args.service)
-    except ServiceNotBuilt as exc:
+        factory = registry.get(args.service).load_factory()
+    except registry.ServiceNotBuilt as exc:
         print(f"dramaturg serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.service)

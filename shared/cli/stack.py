@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import wait_for_serving
-from dramaturg.shared.service import model_services
+from dramaturg.shared.registry import model_services
 
 
 @dataclass
@@ -110,7 +110,7 @@ def start_stack(
     home: Path, *, gateway_port: int | None = None, timeout: float = 300.0, say=print
 ) -> tuple[Stack, list[subprocess.Popen]]:
     """Start every built service and the gateway; return once all report SERVING."""
-    from dramaturg.services.gateway.auth import ensure_token_file
+    from dramaturg.shared.tokens import ensure_token_file
 
     existing = stack_file(home)
     if existing.exists():

@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 import yaml
+from dramaturg.shared import registry
 from dramaturg.shared.config import dramaturg_home
-from dramaturg.shared.service import RECIPES
 
 SYNTHETIC = "synthetic"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a service's model on your data")
-    p.add_argument("service", choices=sorted(RECIPES))
+    p.add_argument("service", choices=sorted({*registry.model_services(), *registry.PLANNED}))
     p.add_argument("--config", help="YAML: recipe, dataset, output_model, overrides")
     p.add_argument("--recipe", help="override the config's recipe")
     p.add_argument("--dataset", help="override the config's dataset")
@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = RECIPES.get(args.service)
-    if not path:
+    try:
+        path = registry.recipes_path(args.service)
+    except registry.ServiceNotBuilt:
         print(
             f"dramaturg train: training for the {args.service} service is not built yet (README: status)",
             file=sys.stderr,
