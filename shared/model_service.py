@@ -14,14 +14,14 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
-from dramaturg.shared.audio import AudioLimits
+from dramaturg.shared.audio import Audio, AudioLimits, decode_audio_input
 from dramaturg.shared.config import ServiceSettings, dramaturg_home
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.grpc.server import Registration
-from dramaturg.shared.models import MODEL_REPOSITORY, ModelManager, ModelRepositoryServicer, run_in
+from dramaturg.shared.models import MODEL_REPOSITORY, Loaded, ModelManager, ModelRepositoryServicer, run_in
 from dramaturg.shared.registry import recipes_path
 from dramaturg.shared.service import Service
 from dramaturg.shared.store import ModelRecord, ModelStore
@@ -174,3 +174,40 @@ class ModelService(Service, abc.ABC):
         await asyncio.to_thread(self.runner.close)
         await self.models.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+M = TypeVar("M")
+
+
+class ModelServicer(Generic[M]):
+    """What every model service's servicer repeats, written once: the model a request names, its
+    reference for the response, the audio rules and decoding.
+
+    ``M`` is the service's loaded-model type (what :meth:`ModelService.load_model` returns); it must
+    carry the store ``record`` it was loaded from.
+    """
+
+    def __init__(self, service: ModelService) -> None:
+        self.service = service
+        self.settings = service.settings
+
+    async def model(self, ref: common_pb2.ModelRef) -> M:
+        """The loaded model ``ref`` names (empty: the default); NOT_FOUND / FAILED_PRECONDITION otherwise."""
+        loaded: Loaded[M] = await self.service.models.get(ref)
+        return loaded.model
+
+    @staticmethod
+    def model_ref(record: ModelRecord) -> common_pb2.ModelRef:
+        """The exact version that answered, for the response (so a client can pin it)."""
+        return common_pb2.ModelRef(name=record.name, version=record.version)
+
+    def audio_limits(self, **extra: Any) -> AudioLimits:
+        """The one set of audio rules every RPC of this service applies (settings + ``extra``)."""
+        return self.settings.audio_limits(**extra)
+
+    async def decode(
+        self, audio: common_pb2.AudioInput, *, target_rate: int, field: str, limits: AudioLimits | None = None
+    ) -> Audio:
+        """Decode and validate one AudioInput off the event loop (INVALID_ARGUMENT names ``field``)."""
+        limits = limits or self.audio_limits()
+        return await asyncio.to_thread(decode_audio_input, audio, target_rate=target_rate, limits=limits,
+                                       field=field)

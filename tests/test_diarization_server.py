@@ -23,14 +23,10 @@ import soundfile as sf
 from dramaturg.common.v1 import common_pb2
 from dramaturg.diarization.v1 import diarization_pb2, diarization_pb2_grpc
 from dramaturg.services.diarization.config import DiarizationSettings
-from dramaturg.services.diarization.server import (
-    DiarizationResult,
-    DiarizationService,
-    SpeakerHints,
-    Stopped,
-    StreamTracker,
-    Turn,
-)
+from dramaturg.services.diarization.inference import DiarizationResult, SpeakerHints, Turn
+from dramaturg.services.diarization.server import DiarizationService
+from dramaturg.services.diarization.streaming import StreamTracker
+from dramaturg.shared.cancellation import Stopped
 from dramaturg.shared.data.synth import SynthConfig, synthesize_corpus
 from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.store import ModelStore
@@ -576,8 +572,8 @@ def test_deadline_and_cancellation_stop_the_worker(server, scene, blocked_model)
 
 def test_clustering_cap_thins_the_embeddings_but_still_diarizes(server, scene, caplog) -> None:
     """Long files cluster an evenly spaced subset (max_clustering_embeddings); every chunk keeps a speaker."""
+    from dramaturg.services.diarization.inference import LoadedDiarizationModel
     from dramaturg.services.diarization.model import load_pipeline
-    from dramaturg.services.diarization.server import LoadedDiarizationModel
 
     _, _, _, home = server
     record = ModelStore(home).resolve("diarization", "tiny")
@@ -585,7 +581,7 @@ def test_clustering_cap_thins_the_embeddings_but_still_diarizes(server, scene, c
         load_pipeline(record.path, "cpu"), record, DiarizationSettings(max_clustering_embeddings=10)
     )
     _, samples, rate, _ = scene
-    with caplog.at_level("INFO", logger="dramaturg.services.diarization.server"):
+    with caplog.at_level("INFO", logger="dramaturg.services.diarization.inference"):
         result = capped.diarize(samples, SCENE, SpeakerHints(num=2))
     assert any("clustering 10 of" in r.getMessage() for r in caplog.records), caplog.text
     assert len(result.speakers) == 2 and result.turns
