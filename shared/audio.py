@@ -7,6 +7,13 @@ pipeline. :func:`decode_audio_input` turns such requests into ``INVALID_ARGUMENT
 BadRequest violation names the request field and says how to fix it, and hands the model a clean
 mono float32 signal at the rate it was trained on.
 
+Hostile input is refused the same way, never with INTERNAL: a uri longer than ``MAX_URI_CHARS`` or
+holding a control character (a NUL byte made path resolution raise outside the validation), a path
+the operating system refuses to look up, a container whose header claims an implausible sample rate,
+and float samples beyond ``±MAX_ABS_AMPLITUDE`` (finite but absurd values, e.g. 1e30, overflow the
+model's float32 features and came back as an all-NaN embedding). Error messages quote client input
+through :func:`~dramaturg.shared.grpc.errors.echo`, so a 10,000-character uri is named, not replayed.
+
 Decoding uses libsndfile (through soundfile: WAV, FLAC, OGG Vorbis/Opus, MP3) first because it is
 fast and has no heavy imports; only what libsndfile cannot read (M4A/AAC, WebM, …) goes to
 torchcodec's FFmpeg-based ``AudioDecoder``, imported lazily so that the gateway and the tests of the
@@ -21,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +39,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 from dramaturg.common.v1 import common_pb2
-from dramaturg.shared.grpc.errors import ServiceError, invalid_argument
+from dramaturg.shared.grpc.errors import ServiceError, echo, invalid_argument
 
 __all__ = [
     "ACCEPTED_ENCODINGS",
+    "MAX_ABS_AMPLITUDE",
+    "MAX_URI_CHARS",
     "Audio",
     "AudioLimits",
+    "check_clip",
     "crop",
     "decode_audio_input",
     "decode_bytes",
@@ -64,6 +75,21 @@ ACCEPTED_ENCODINGS = (
 # Sample rates outside this range are typos (Hz vs kHz), not audio.
 _MIN_RATE_HZ = 1_000
 _MAX_RATE_HZ = 768_000
+
+#: Longest AudioInput.uri accepted: Linux's PATH_MAX. A longer string names no file; refusing it early
+#: keeps path resolution (and the error message) cheap.
+MAX_URI_CHARS = 4096
+
+# C0 controls, DEL and C1 controls: NUL cannot be in a path at all (the OS call raises), and newlines,
+# escapes and the like in a file name are an injection attempt or a bug, never a file a client meant.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+#: Float samples beyond ±this are refused. Float audio is nominally within ±1; real mixes overshoot by
+#: a few dB (a peak of 4 is +12 dBFS), so clipping at 1.0 would refuse good files. 1000 is +60 dBFS:
+#: no capture or mix produces it, while a scaling bug does (16-bit integer values stored as float peak
+#: near 32768) and so does garbage (1e30 overflows the model's float32 features into an all-NaN
+#: embedding, which Enroll would have stored as a voice).
+MAX_ABS_AMPLITUDE = 1000.0
 
 _RAW_SAMPLE_BYTES = {AudioEncoding.LINEAR_PCM_S16LE: 2, AudioEncoding.LINEAR_PCM_F32LE: 4}
 
@@ -124,6 +150,8 @@ class AudioLimits:
     reject_silence: bool = False
     #: With ``reject_silence``, audio whose peak magnitude is at most this counts as silent.
     silence_threshold: float = 0.0
+    #: Decoded samples whose magnitude exceeds this are refused (see ``MAX_ABS_AMPLITUDE``).
+    max_abs_amplitude: float = MAX_ABS_AMPLITUDE
 
 
 def _limits(limits: AudioLimits | None) -> AudioLimits:
@@ -180,6 +208,17 @@ def _check_bytes(size: int, limits: AudioLimits, field_path: str) -> None:
         )
 
 
+def _check_plausible_rate(rate: int, fmt: str, field_path: str) -> None:
+    # A header can claim any rate; 1 Hz would make resampling to 16 kHz blow a short file up
+    # 16,000-fold in memory, so containers get the same range as raw PCM.
+    if not _MIN_RATE_HZ <= rate <= _MAX_RATE_HZ:
+        raise invalid_argument(
+            field_path,
+            f"the {fmt} header says {rate} Hz, not a plausible sample rate ({_MIN_RATE_HZ} to "
+            f"{_MAX_RATE_HZ} Hz); the file is corrupt or was written with the wrong rate",
+        )
+
+
 def _check_declared_rate(declared: int, actual: int, fmt: str, field: str) -> None:
     if declared and declared != actual:
         raise invalid_argument(
@@ -201,6 +240,25 @@ def _check_finite(samples: np.ndarray, sample_rate: int, field_path: str) -> Non
         field_path,
         f"audio contains {count} NaN or Inf sample(s), the first at {first / sample_rate:.3f} s; "
         "the sender's processing produced invalid floats",
+    )
+
+
+def _check_amplitude(samples: np.ndarray, sample_rate: int, limits: AudioLimits, field_path: str) -> None:
+    """Refuse finite but absurd samples (after :func:`_check_finite`, so NaN and Inf have been named)."""
+    if samples.size == 0:
+        return
+    peak = max(abs(float(samples.max())), abs(float(samples.min())))
+    if peak <= limits.max_abs_amplitude:
+        return
+    over = np.abs(samples) > limits.max_abs_amplitude
+    first = int(np.flatnonzero(over.reshape(-1) if samples.ndim == 1 else over.any(axis=0))[0])
+    raise invalid_argument(
+        field_path,
+        f"audio peaks at {peak:.3g}, the first sample beyond ±{limits.max_abs_amplitude:g} at "
+        f"{first / sample_rate:.3f} s; float audio must be scaled to about ±1.0 (this service accepts "
+        f"at most ±{limits.max_abs_amplitude:g}): 16-bit integer values stored as float must be divided "
+        "by 32768, anything larger is corrupt",
+        reason="AMPLITUDE_OUT_OF_RANGE",
     )
 
 
@@ -292,6 +350,7 @@ def _decode_with_torchcodec(
     if meta.num_channels:
         _check_channels(int(meta.num_channels), limits, field_path)
     if meta.sample_rate:
+        _check_plausible_rate(int(meta.sample_rate), fmt, field_path)
         _check_declared_rate(declared_rate, int(meta.sample_rate), fmt, field)
     if meta.duration_seconds:
         _check_max_duration(float(meta.duration_seconds), limits, field_path)
@@ -324,6 +383,7 @@ def _decode_container(
     with handle:
         fmt = handle.format
         _check_channels(handle.channels, limits, field_path)
+        _check_plausible_rate(handle.samplerate, fmt, field_path)
         _check_declared_rate(declared_rate, handle.samplerate, fmt, field)
         if handle.frames > 0:  # check before decoding so a 10-hour file costs nothing
             _check_max_duration(handle.frames / handle.samplerate, limits, field_path)
@@ -365,20 +425,42 @@ def load_path(
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise invalid_argument(field_path, f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+        raise invalid_argument(field_path, f"cannot read {echo(str(path))}: {exc.strerror or exc}") from exc
     if size == 0:
-        raise invalid_argument(field_path, f"{str(path)!r} is empty (0 bytes)")
+        raise invalid_argument(field_path, f"{echo(str(path))} is empty (0 bytes)")
     _check_bytes(size, limits, field_path)
     return _decode_container(path, limits, field_path, field, sample_rate_hz)
+
+
+def _check_uri_text(text: str, field_path: str, what: str) -> None:
+    """Refuse a uri (or its percent-decoded path) that cannot name a file, before the OS sees it."""
+    if len(text) > MAX_URI_CHARS:
+        raise invalid_argument(
+            field_path,
+            f"{what} is {len(text)} characters long; at most {MAX_URI_CHARS} are accepted (the longest "
+            "path the server's file system can name)",
+            reason="INVALID_URI",
+        )
+    bad = _CONTROL_CHARS.search(text)
+    if bad is not None:
+        raise invalid_argument(
+            field_path,
+            f"{what} contains the control character {bad.group()!r} at position {bad.start()}; NUL, "
+            "newlines and other control characters (U+0000-U+001F, U+007F-U+009F) are refused in a uri",
+            reason="INVALID_URI",
+        )
 
 
 def resolve_uri(uri: str, roots: Sequence[str | Path], field: str = "audio") -> Path:
     """Map a client URI to a file under one of ``roots``, refusing everything else.
 
     Symlinks and ``..`` are resolved before the check, so a link inside a root cannot reach outside.
-    Relative paths are looked up under each root in order.
+    Relative paths are looked up under each root in order. The uri's length and characters are checked
+    first, and any error the OS raises while looking the path up (a name too long, a folder it may not
+    enter) is answered as INVALID_ARGUMENT on the uri: each is about the path the client named.
     """
     field_path = f"{field}.uri"
+    _check_uri_text(uri, field_path, "uri")
     if not roots:
         raise invalid_argument(
             field_path,
@@ -393,34 +475,42 @@ def resolve_uri(uri: str, roots: Sequence[str | Path], field: str = "audio") -> 
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise invalid_argument(
-                field_path, f"file:// URIs must name a local path (file:///path), not host {parts.netloc!r}"
+                field_path,
+                f"file:// URIs must name a local path (file:///path), not host {echo(parts.netloc)}",
             )
         raw_path = unquote(parts.path)
+        _check_uri_text(raw_path, field_path, "the uri's percent-decoded path")
     elif parts.scheme == "":
         raw_path = uri
     else:
         raise invalid_argument(
             field_path,
-            f"{parts.scheme}:// URIs are not supported; use file:// or a plain path under one of the "
+            f"{echo(parts.scheme)}:// URIs are not supported; use file:// or a plain path under one of the "
             f"allowed roots: {allowed}",
             reason="URI_NOT_ALLOWED",
         )
-    candidate = Path(raw_path)
-    if candidate.is_absolute():
-        candidates = [candidate.resolve()]
-    else:
-        candidates = [(root / candidate).resolve() for root in resolved_roots]
-    inside = [c for c in candidates if any(c.is_relative_to(root) for root in resolved_roots)]
-    if not inside:
+    try:
+        candidate = Path(raw_path)
+        if candidate.is_absolute():
+            candidates = [candidate.resolve()]
+        else:
+            candidates = [(root / candidate).resolve() for root in resolved_roots]
+        inside = [c for c in candidates if any(c.is_relative_to(root) for root in resolved_roots)]
+        if not inside:
+            raise invalid_argument(
+                field_path,
+                f"{echo(uri)} is outside the folders this server may read; allowed roots: {allowed}",
+                reason="URI_NOT_ALLOWED",
+            )
+        for path in inside:
+            if path.is_file():
+                return path
+    except (OSError, RuntimeError, ValueError) as exc:  # ENAMETOOLONG, EACCES; a symlink loop (3.11)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise invalid_argument(
-            field_path,
-            f"{uri!r} is outside the folders this server may read; allowed roots: {allowed}",
-            reason="URI_NOT_ALLOWED",
-        )
-    for path in inside:
-        if path.is_file():
-            return path
-    raise invalid_argument(field_path, f"no readable file at {uri!r} (allowed roots: {allowed})")
+            field_path, f"cannot look up {echo(uri)} ({reason}); name a readable file under: {allowed}"
+        ) from exc
+    raise invalid_argument(field_path, f"no readable file at {echo(uri)} (allowed roots: {allowed})")
 
 
 def downmix(audio: Audio) -> Audio:
@@ -464,10 +554,12 @@ def decode_audio_input(
         path = resolve_uri(msg.uri, limits.allowed_uri_roots, field)
         if msg.encoding in _RAW_SAMPLE_BYTES:
             try:
+                _check_bytes(path.stat().st_size, limits, f"{field}.uri")  # before reading it all
                 data = path.read_bytes()
             except OSError as exc:
-                raise invalid_argument(f"{field}.uri", f"cannot read {msg.uri!r}: {exc}") from exc
-            _check_bytes(len(data), limits, f"{field}.uri")
+                raise invalid_argument(
+                    f"{field}.uri", f"cannot read {echo(msg.uri)}: {exc.strerror or exc}"
+                ) from exc
             audio = decode_pcm(
                 data,
                 encoding=msg.encoding,
@@ -500,14 +592,42 @@ def decode_audio_input(
 
 
 def _finish(audio: Audio, target_rate: int | None, limits: AudioLimits, field_path: str) -> Audio:
+    """The checks every decoder's output goes through, in the order that names the real problem:
+    values are checked before the downmix, which could hide them (+x and -x average to 0) or make
+    them overflow (two channels near the float32 maximum sum to Inf)."""
     _check_channels(audio.channels, limits, field_path)
     _check_duration(audio.duration, limits, field_path)
+    _check_finite(audio.samples, audio.sample_rate, field_path)
+    _check_amplitude(audio.samples, audio.sample_rate, limits, field_path)
     mono = downmix(audio)
-    _check_finite(mono.samples, mono.sample_rate, field_path)
     _check_silence(mono.samples, limits, field_path)
     if target_rate is not None and target_rate != mono.sample_rate:
         mono = resample(mono, target_rate)
     return mono
+
+
+def check_clip(clip: Audio, limits: AudioLimits, field_path: str) -> Audio:
+    """Hold a clip cut out of already decoded audio (one segment of a scene) to the per-utterance rules.
+
+    A service that decodes a whole file once and crops segments (Speaker.Identify) checks the file
+    with :func:`decode_audio_input` (finite, amplitude, channels; a longer ``max_seconds``) and each
+    segment here with the same ``limits`` an utterance sent on its own gets, so a segment is refused
+    exactly when it would be refused as an Embed input: too short, too long, or silent.
+    """
+    seconds = clip.duration
+    if seconds < limits.min_seconds or seconds <= 0:
+        raise invalid_argument(
+            field_path,
+            f"{seconds:.2f} s is too short; this service needs at least {limits.min_seconds:g} s per segment",
+        )
+    if seconds > limits.max_seconds:
+        raise invalid_argument(
+            field_path,
+            f"{seconds:.2f} s is too long; this service accepts at most {limits.max_seconds:g} s per "
+            "segment; split it into shorter segments",
+        )
+    _check_silence(clip.samples, limits, field_path)
+    return clip
 
 
 # ---------------------------------------------------------------------------------------------------

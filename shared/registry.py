@@ -45,7 +45,9 @@ class ServiceEntry:
     defaults ← YAML ← environment); ``recipes`` the training recipes (name → Recipe), empty for the
     gateway; ``extra`` the pip extra its image installs (``services/Dockerfile``'s build argument);
     ``demo_config`` the train config (relative to the package folder) ``make demo`` runs when the
-    model store has no model for the service — small, so a newcomer's first demo stays short.
+    model store has no model for the service — small, so a newcomer's first demo stays short;
+    ``tiny_model`` a function ``(folder, home=None, *, seed=0)`` that writes an untrained tiny model
+    the service loads (the model-service contract test and smoke checks serve it).
     """
 
     name: str
@@ -55,6 +57,7 @@ class ServiceEntry:
     extra: str = ""
     description: str = ""
     demo_config: str = ""
+    tiny_model: str = ""
 
     @property
     def is_model_service(self) -> bool:
@@ -65,6 +68,11 @@ class ServiceEntry:
 
     def load_settings_class(self) -> Any:
         return _resolve(self.settings)
+
+    def load_tiny_model_writer(self) -> Any:
+        if not self.tiny_model:
+            raise ServiceNotBuilt(f"the {self.name} service names no tiny model (ServiceEntry.tiny_model)")
+        return _resolve(self.tiny_model)
 
     @property
     def package(self) -> str:

@@ -15,8 +15,11 @@ import pytest
 import soundfile as sf
 from dramaturg.common.v1 import common_pb2
 from dramaturg.shared.audio import (
+    MAX_ABS_AMPLITUDE,
+    MAX_URI_CHARS,
     Audio,
     AudioLimits,
+    check_clip,
     crop,
     decode_audio_input,
     decode_bytes,
@@ -27,6 +30,7 @@ from dramaturg.shared.audio import (
     to_audio_output,
 )
 from dramaturg.shared.grpc.errors import ServiceError
+from hostile import riff_wav
 
 Enc = common_pb2.AudioEncoding
 LIMITS = AudioLimits()
@@ -267,6 +271,68 @@ def test_non_finite_samples(bad: float) -> None:
     expect_invalid(wav, "NaN or Inf")
 
 
+@pytest.mark.parametrize("peak", [1e30, 32767.0, float(np.finfo(np.float32).max)])
+def test_absurd_amplitudes_are_refused(peak: float) -> None:
+    """Finite but absurd floats (1e30 made an all-NaN embedding; 32767 is int16 stored as float)."""
+    signal = tone(amp=0.3)
+    signal[4000:] = peak
+    wav = common_pb2.AudioInput(content=container(signal, 16000, "WAV", "FLOAT"))
+    error = expect_invalid(wav, "peaks at", "0.250 s", "32768", f"±{MAX_ABS_AMPLITUDE:g}")
+    assert error.reason == "AMPLITUDE_OUT_OF_RANGE"
+    assert error.field_violations[0][0] == "audio.content"
+    raw = common_pb2.AudioInput(
+        encoding=Enc.LINEAR_PCM_F32LE, sample_rate_hz=16000, content=signal.astype("<f4").tobytes()
+    )
+    expect_invalid(raw, "peaks at")
+
+
+def test_float_audio_a_little_over_full_scale_is_fine() -> None:
+    """A mix that overshoots ±1.0 is real audio: only the documented bound (or the service's) refuses."""
+    for amp in (1.5, 8.0, MAX_ABS_AMPLITUDE):
+        msg = common_pb2.AudioInput(content=container(tone(amp=amp), 16000, "WAV", "FLOAT"))
+        assert np.max(np.abs(decode(msg).samples)) == pytest.approx(amp, rel=1e-3)
+    loud = common_pb2.AudioInput(content=container(tone(amp=8.0), 16000, "WAV", "FLOAT"))
+    expect_invalid(loud, "peaks at 8", max_abs_amplitude=4.0)
+
+
+def test_amplitude_is_checked_before_the_downmix() -> None:
+    """+x and -x average to silence: the check must see the channels, not the mono mix."""
+    left = np.full(16000, 1e30, np.float32)
+    stereo = np.stack([left, -left], axis=1)  # (frames, channels): interleaved on the wire
+    raw = common_pb2.AudioInput(
+        encoding=Enc.LINEAR_PCM_F32LE,
+        sample_rate_hz=16000,
+        channels=2,
+        content=stereo.astype("<f4").tobytes(),
+    )
+    expect_invalid(raw, "peaks at 1e+30")
+
+
+@pytest.mark.parametrize("rate", [1, 999, 1_000_000])
+def test_implausible_header_rate_is_refused(rate: int) -> None:
+    """A header can claim any rate; 1 Hz resampled to 16 kHz would blow a short file up 16,000-fold."""
+    data = np.round(tone() * 32767).astype("<i2").tobytes()
+    error = expect_invalid(common_pb2.AudioInput(content=riff_wav(data, rate)), "not a plausible sample rate")
+    assert error.field_violations[0][0] == "audio.content"
+
+
+def test_check_clip_applies_the_per_utterance_rules() -> None:
+    limits = AudioLimits(min_seconds=0.5, max_seconds=2.0, reject_silence=True)
+    speech = Audio(tone(seconds=3.0), 16000)
+    assert (
+        check_clip(crop(speech, common_pb2.TimeSpan(start=0.0, end=1.0)), limits, "segments[0]").duration
+        == 1.0
+    )
+    for span, keyword in (((0.0, 0.2), "too short"), ((0.0, 2.5), "at most 2 s")):
+        with pytest.raises(ServiceError) as info:
+            check_clip(crop(speech, common_pb2.TimeSpan(start=span[0], end=span[1])), limits, "segments[3]")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and keyword in info.value.message
+        assert info.value.field_violations[0][0] == "segments[3]"
+    with pytest.raises(ServiceError) as info:
+        check_clip(Audio(np.zeros(16000, np.float32), 16000), limits, "segments[1]")
+    assert info.value.reason == "SILENT_AUDIO"
+
+
 def test_silence_is_refused_only_when_asked() -> None:
     msg = common_pb2.AudioInput(content=container(np.zeros(16000, np.float32), 16000, "WAV"))
     assert decode(msg).num_frames == 16000
@@ -352,6 +418,69 @@ def test_other_schemes_and_missing_files(roots: tuple[Path, Path]) -> None:
     expect_invalid(
         common_pb2.AudioInput(uri=str(inside / "missing.wav")), "no readable file", allowed_uri_roots=[inside]
     )
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("a\x00.wav", "'\\x00'"),
+        ("a.wav\nrm -rf /", "'\\n'"),
+        ("a\x7f.wav", "'\\x7f'"),
+        ("a\x85.wav", "'\\x85'"),
+        ("file:///srv/a%00.wav", "percent-decoded"),
+    ],
+)
+def test_control_characters_in_a_uri_are_refused(roots: tuple[Path, Path], uri: str, shown: str) -> None:
+    """A NUL used to reach the OS and come back as INTERNAL; every control character is refused first."""
+    inside, _ = roots
+    # the raw uri is checked before the roots, so the answer names the real problem; a percent-encoded
+    # one only once there are roots to look it up under
+    for allowed in ([inside], [] if "%" not in uri else [inside]):
+        error = expect_invalid(
+            common_pb2.AudioInput(uri=uri), "control character", shown, allowed_uri_roots=allowed
+        )
+        assert error.reason == "INVALID_URI" and error.field_violations[0][0] == "audio.uri"
+
+
+def test_an_overlong_uri_names_the_limit_without_replaying_it(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    error = expect_invalid(
+        common_pb2.AudioInput(uri="a" * 10_000),
+        "10000 characters",
+        str(MAX_URI_CHARS),
+        allowed_uri_roots=[inside],
+    )
+    assert error.reason == "INVALID_URI" and len(error.message) < 300
+    # at the limit the uri reaches the roots check, and is quoted shortened
+    long_outside = "/elsewhere/" + "b" * (MAX_URI_CHARS - 20)
+    error = expect_invalid(common_pb2.AudioInput(uri=long_outside), "outside", allowed_uri_roots=[inside])
+    assert f"({len(long_outside)} characters)" in error.message and len(error.message) < 600
+
+
+def test_os_errors_while_looking_up_a_uri_are_invalid_argument(roots: tuple[Path, Path]) -> None:
+    """ENAMETOOLONG (and a symlink loop, which Python 3.11 raises as RuntimeError) are about the path."""
+    inside, _ = roots
+    expect_invalid(
+        common_pb2.AudioInput(uri=f"{'c' * 300}.wav"),
+        "cannot look up",
+        "too long",
+        allowed_uri_roots=[inside],
+    )
+    loop = inside / "loop.wav"
+    try:
+        os.symlink(loop, loop)
+    except OSError:
+        pytest.skip("cannot create symlinks here")
+    expect_invalid(common_pb2.AudioInput(uri="loop.wav"), allowed_uri_roots=[inside])
+
+
+def test_raw_pcm_by_uri_is_sized_before_it_is_read(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    (inside / "big.pcm").write_bytes(bytes(64_000))
+    msg = common_pb2.AudioInput(uri="big.pcm", encoding=Enc.LINEAR_PCM_S16LE, sample_rate_hz=16000)
+    with pytest.raises(ServiceError) as info:
+        decode(msg, allowed_uri_roots=[inside], max_bytes=1000)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_raw_pcm_by_uri(roots: tuple[Path, Path]) -> None:

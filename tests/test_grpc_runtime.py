@@ -18,12 +18,16 @@ from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.service import Service
 from dramaturg.tts.v1 import tts_pb2, tts_pb2_grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from helpers import ServerThread
+from hostile import assert_clear_status
 from prometheus_client import REGISTRY
 
 EVALUATOR = evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name
+#: 40,000 bytes of 4-byte characters: 120,000 once percent-encoded in grpc-message.
+HUGE = "🎭" * 10_000
 TTS = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
 
 
@@ -35,6 +39,14 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServicer):
             raise RuntimeError("model exploded")
         if request.request_id == "busy":
             raise errors.resource_exhausted("queue is full", retry_after_seconds=1.5)
+        if request.request_id == "echoes-everything":  # a careless error that quotes unbounded input
+            raise errors.ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "text: " + HUGE,
+                metadata={f"key{i}-{HUGE}": HUGE for i in range(20)},
+                field_violations=[(f"text[{i}]", HUGE) for i in range(64)],
+                retry_after_seconds=2.0,
+            )
         if request.request_id.startswith("slow"):
             await asyncio.sleep(1.0)
         if not request.audio.WhichOneof("source"):
@@ -142,6 +154,66 @@ def test_errors_carry_status_and_details_and_are_counted() -> None:
     assert _sample("grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **labels) == before_invalid + 1
     assert _sample("grpc_server_handled_total", grpc_code="OK", **labels) == before_ok + 1
     assert _sample("grpc_server_handling_seconds_count", **labels) >= 4
+
+
+def test_clip_bounds_bytes_on_character_boundaries() -> None:
+    assert errors.clip("short", 64) == "short"
+    for text in ("a" * 5000, "é" * 5000, HUGE, "a" + HUGE):
+        clipped = errors.clip(text, 300)
+        assert len(clipped.encode()) <= 300  # encodes: no half character was left behind
+        assert clipped.endswith(f"[cut, {len(text.encode())} bytes in all]")
+        assert text.startswith(clipped[:10])
+
+
+def test_echo_keeps_both_ends_and_says_how_long() -> None:
+    assert errors.echo("alice\x00") == "'alice\\x00'"
+    quoted = errors.echo("start" + "x" * 10_000 + "end.wav")
+    assert quoted.startswith("'start") and "end.wav'" in quoted and "(10012 characters)" in quoted
+    assert len(quoted) < 100
+    assert len(errors.not_found("voice", HUGE).message.encode()) < 300
+
+
+def test_status_details_are_bounded_whatever_the_error_holds() -> None:
+    error = errors.ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        HUGE,
+        reason="R" * 500,
+        metadata={f"k{i}": HUGE for i in range(50)},
+        field_violations=[(f"audio[{i}]" + HUGE, HUGE) for i in range(64)],
+        retry_after_seconds=1.0,
+    )
+    assert len(error.message.encode()) <= errors.MAX_MESSAGE_BYTES  # the log line is bounded too
+    status = error.to_status_proto()
+    assert status.ByteSize() <= errors.MAX_DETAILS_BYTES
+    assert len(status.message.encode()) <= errors.MAX_MESSAGE_BYTES
+    grpc_status = error.to_grpc_status()
+    assert grpc_status.code == grpc.StatusCode.INVALID_ARGUMENT
+    # the first violation survives (clipped), and ErrorInfo says what the budget left out
+    unpacked = {d.type_url.rsplit(".", 1)[-1]: d for d in status.details}
+    assert {"ErrorInfo", "BadRequest", "RetryInfo"} <= set(unpacked)
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    unpacked["ErrorInfo"].Unpack(info)
+    unpacked["BadRequest"].Unpack(bad)
+    assert bad.field_violations[0].field.startswith("audio[0]")
+    assert len(info.reason.encode()) <= errors.MAX_REASON_BYTES
+    assert "left out" in info.metadata[errors.TRUNCATED_KEY]
+    # small errors are untouched
+    small = errors.invalid_argument("audio", "set audio.content").to_status_proto()
+    assert small.message == "audio: set audio.content"
+    small_info = error_details_pb2.ErrorInfo()
+    small.details[0].Unpack(small_info)
+    assert dict(small_info.metadata) == {}
+
+
+def test_an_error_quoting_huge_input_still_reaches_the_client() -> None:
+    """Unbounded trailers once made the client drop the status (its metadata limit is 8-16 KiB)."""
+    with ServerThread(FakeService()) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = evaluator_pb2_grpc.EvaluatorStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Evaluate(evaluator_pb2.EvaluateRequest(request_id="echoes-everything"), timeout=5)
+        detail = assert_clear_status(info.value, grpc.StatusCode.INVALID_ARGUMENT, "text[0]")
+        assert detail.message.startswith("text: 🎭") and detail.retry_after_seconds == 2.0
+        assert errors.TRUNCATED_KEY in detail.metadata
 
 
 def test_server_streaming_is_intercepted_too() -> None:

@@ -14,6 +14,7 @@ SERVICE = ServiceEntry(
     factory="dramaturg.services.diarization.server:create_service",
     settings="dramaturg.services.diarization.config:DiarizationSettings",
     recipes="dramaturg.services.diarization.train:RECIPES",
+    tiny_model="dramaturg.services.diarization.model:default_artifact",
     demo_config="recipes/cpu-quick.yaml",
     extra="diarization",
     description="who spoke when (pyannote pipeline)",

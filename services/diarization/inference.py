@@ -29,7 +29,7 @@ from dramaturg.common.v1 import common_pb2
 from dramaturg.diarization.v1 import diarization_pb2
 from dramaturg.services.diarization.config import DiarizationSettings
 from dramaturg.shared.cancellation import ShouldStop, Stopped, never_stop
-from dramaturg.shared.grpc.errors import invalid_argument
+from dramaturg.shared.grpc.errors import echo, invalid_argument
 from dramaturg.shared.store import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,23 @@ def check_hints(
     return hints
 
 
+MAX_URI_CHARS = 256  # the RTTM file id is repeated on every line: a name, not a document
+
+
 def check_uri(uri: str, field_path: str) -> str:
+    """The RTTM file id: printable, no whitespace (RTTM fields are space-separated), a sane length."""
+    if len(uri) > MAX_URI_CHARS:
+        raise invalid_argument(
+            field_path, f"{echo(uri)} is longer than an RTTM file id may be ({MAX_URI_CHARS} characters)"
+        )
     if any(c.isspace() for c in uri):
         raise invalid_argument(
             field_path,
-            f"{uri!r} contains whitespace, which RTTM (space-separated fields) cannot hold; "
+            f"{echo(uri)} contains whitespace, which RTTM (space-separated fields) cannot hold; "
             "use e.g. underscores instead",
         )
+    if not uri.isprintable():
+        raise invalid_argument(field_path, f"{echo(uri)} contains control characters; RTTM ids are printable")
     return uri
 
 

@@ -14,6 +14,7 @@ SERVICE = ServiceEntry(
     factory="dramaturg.services.speaker.server:create_service",
     settings="dramaturg.services.speaker.config:SpeakerSettings",
     recipes="dramaturg.services.speaker.train:RECIPES",
+    tiny_model="dramaturg.services.speaker.model:write_tiny_model",
     demo_config="recipes/cpu-quick.yaml",
     extra="speaker",
     description="speaker embeddings, verification, enrolled voices",

@@ -10,6 +10,11 @@ class SpeakerSettings(ModelServiceSettings):
     # Utterances shorter than this are refused: embeddings of a few frames are noise.
     min_seconds: float = Field(0.5, ge=0)
     max_seconds: float = Field(600.0, gt=0)
+    # Identify decodes one whole file (a scene) and cuts its segments out of it, so the file may be longer
+    # than one utterance; this bounds its decoded length (2 h ≈ 460 MB of float32 at 16 kHz). Everything
+    # else is Embed's rule: the file is refused if silent or non-finite, and each segment must be between
+    # min_seconds and max_seconds long and not silent.
+    identify_max_seconds: float = Field(7200.0, gt=0)
     max_inputs_per_request: int = 64
     # Dynamic batching (shared/batching.py): items per batch, seconds of audio per batch, wait, queue bound.
     max_batch_size: int = 32

@@ -27,8 +27,8 @@ from dramaturg.shared.batching import DynamicBatcher
 from dramaturg.shared.grpc.errors import failed_precondition, invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
-from dramaturg.shared.model_service import ModelService
-from dramaturg.shared.models import Loaded, run_in
+from dramaturg.shared.model_service import ModelService, ModelServicer
+from dramaturg.shared.models import run_in
 from dramaturg.shared.store import ModelRecord
 from dramaturg.shared.validation import require_finite
 from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
@@ -80,18 +80,14 @@ def _normalise(vector: np.ndarray) -> np.ndarray:
     return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
 
 
-class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
-    def __init__(self, service: SpeakerService) -> None:
-        self.service = service
-        self.settings = service.settings
+class SpeakerServicer(ModelServicer[LoadedSpeakerModel], speaker_pb2_grpc.SpeakerServicer):
+    service: SpeakerService
+    settings: SpeakerSettings
 
     # -- helpers -------------------------------------------------------------------------------
     def _limits(self) -> audio_io.AudioLimits:
-        return self.settings.audio_limits(reject_silence=True)
-
-    async def _model(self, ref: common_pb2.ModelRef) -> LoadedSpeakerModel:
-        loaded: Loaded[LoadedSpeakerModel] = await self.service.models.get(ref)
-        return loaded.model
+        """Embed's rules, for every RPC: silence carries no voice."""
+        return self.audio_limits(reject_silence=True)
 
     async def _decode(
         self, inputs: Sequence[common_pb2.AudioInput], model: LoadedSpeakerModel, field_name: str
@@ -129,7 +125,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
         return vectors
 
     def _ref(self, model: LoadedSpeakerModel) -> common_pb2.ModelRef:
-        return common_pb2.ModelRef(name=model.record.name, version=model.record.version)
+        return self.model_ref(model.record)
 
     def _voice_proto(self, voice: Voice) -> speaker_pb2.Voice:
         name, _, version = voice.model_ref.partition(":")
@@ -157,7 +153,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
 
     # -- RPCs ----------------------------------------------------------------------------------
     async def Embed(self, request: speaker_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self.model(request.model)
         audios = await self._decode(request.audio, model, "audio")
         vectors = await self._embed(audios, model, context, "Embed")
         return speaker_pb2.EmbedResponse(
@@ -171,7 +167,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
         )
 
     async def Verify(self, request: speaker_pb2.VerifyRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self.model(request.model)
         if not request.HasField("test_audio"):
             raise invalid_argument("test_audio", "set the audio to verify")
         which = request.WhichOneof("reference")
@@ -198,7 +194,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
 
     async def Enroll(self, request: speaker_pb2.EnrollRequest, context: grpc.aio.ServicerContext):
         check_voice_id(request.voice_id)
-        model = await self._model(request.model)
+        model = await self.model(request.model)
         if not request.overwrite:
             self.service.voices.check_new(request.voice_id)  # fail before paying for embeddings
         audios = await self._decode(request.audio, model, "audio")
@@ -216,9 +212,18 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
         return speaker_pb2.EnrollResponse(request_id=request.request_id, voice=self._voice_proto(voice))
 
     async def Identify(self, request: speaker_pb2.IdentifyRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self.model(request.model)
         if request.top_k < 0:
             raise invalid_argument("top_k", "must be ≥ 0 (0 means the default)")
+        if not request.HasField("audio"):
+            raise invalid_argument("audio", "set the audio to identify")
+        # The request first (bad input is INVALID_ARGUMENT whatever is enrolled), then the voices.
+        # Embed's rules for the file, bar its length (identify_max_seconds: a scene holds many segments);
+        # each segment then gets exactly Embed's rules (length, silence) through check_clip.
+        limits = self._limits()
+        whole_limits = dataclasses.replace(limits, max_seconds=self.settings.identify_max_seconds)
+        whole = await self.decode(request.audio, target_rate=model.sample_rate, field="audio",
+                                  limits=whole_limits)
         if request.voice_ids:
             voices = [self._voice_for(v, model, f"voice_ids[{i}]") for i, v in enumerate(request.voice_ids)]
         else:
@@ -228,19 +233,6 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
                     f"no voices are enrolled with model {model.record.ref}; Enroll some first",
                     reason="NO_VOICES",
                 )
-        if not request.HasField("audio"):
-            raise invalid_argument("audio", "set the audio to identify")
-        # Embed's rules for the file, bar its length (identify_max_seconds: a scene holds many segments);
-        # each segment then gets exactly Embed's rules (length, silence) through check_clip.
-        limits = self._limits()
-        whole_limits = dataclasses.replace(limits, max_seconds=self.settings.identify_max_seconds)
-        whole = await asyncio.to_thread(
-            audio_io.decode_audio_input,
-            request.audio,
-            target_rate=model.sample_rate,
-            limits=whole_limits,
-            field="audio",
-        )
         spans = list(request.segments) or [common_pb2.TimeSpan(start=0.0, end=whole.duration)]
         clips = []
         for i, span in enumerate(spans):
@@ -311,5 +303,3 @@ class SpeakerService(ModelService):
 def create_service(settings: SpeakerSettings | None = None) -> SpeakerService:
     return SpeakerService(settings or SpeakerSettings())
 
-
-SETTINGS = SpeakerSettings

@@ -4,6 +4,10 @@ A voice is the L2-normalised mean of its utterances' embeddings, and it remember
 made it: embeddings of different models live in different spaces, so a voice is only compared with
 embeddings of its own model. Each voice is one JSON file written atomically, so a crash mid-enrolment
 leaves the previous state.
+
+A voice id becomes a file name and every field is echoed back by ListVoices, so all of them are
+bounded: a hostile id is refused as INVALID_ARGUMENT without being replayed whole (a 10,000-character
+id quoted in the error once made the status too big for the client to read).
 """
 
 from __future__ import annotations
@@ -16,10 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from dramaturg.shared.grpc.errors import already_exists, invalid_argument, not_found
+from dramaturg.shared.grpc.errors import already_exists, echo, invalid_argument, not_found
 from dramaturg.shared.store import atomic_write_json
+from dramaturg.shared.validation import require_finite
 
-VOICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_VOICE_ID_CHARS = 64
+# Matched with fullmatch: "$" alone also matches before a trailing newline, which let "alice\n" through
+# as a file name.
+VOICE_ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_VOICE_ID_CHARS}}}")
+#: Bounds on what Enroll stores and ListVoices returns for every voice.
+MAX_DISPLAY_NAME_CHARS = 256
+MAX_LABELS = 32
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 256
 
 
 @dataclass
@@ -60,11 +73,40 @@ class Voice:
 
 
 def check_voice_id(voice_id: str, field_path: str = "voice_id") -> str:
-    if not VOICE_ID.match(voice_id or ""):
+    """Refuse an id that is not 1-64 of ``A-Z a-z 0-9 _ . -``: it names a file on the server's disk.
+
+    The message says what is wrong (empty, how long, which characters) and quotes the id through
+    :func:`echo`, so an id of any length gives an error the client can read.
+    """
+    if voice_id and VOICE_ID.fullmatch(voice_id):
+        return voice_id
+    rule = f"use 1–{MAX_VOICE_ID_CHARS} of A-Z a-z 0-9 _ . -"
+    if not voice_id:
+        raise invalid_argument(field_path, f"voice id is empty: {rule}")
+    if len(voice_id) > MAX_VOICE_ID_CHARS:
+        raise invalid_argument(field_path, f"voice id {echo(voice_id)} is too long; {rule}")
+    raise invalid_argument(field_path, f"{echo(voice_id)} is not a valid voice id: {rule}")
+
+
+def check_voice_fields(display_name: str, labels: dict[str, str]) -> None:
+    """Bound the free-text fields a voice stores, so one Enroll cannot make every ListVoices huge."""
+    if len(display_name) > MAX_DISPLAY_NAME_CHARS:
         raise invalid_argument(
-            field_path, f"{voice_id!r} is not a valid voice id: use 1–64 of A-Z a-z 0-9 _ . -"
+            "display_name",
+            f"is {len(display_name)} characters long; at most {MAX_DISPLAY_NAME_CHARS} are accepted",
         )
-    return voice_id
+    if len(labels) > MAX_LABELS:
+        raise invalid_argument("labels", f"{len(labels)} labels; at most {MAX_LABELS} are accepted")
+    for key, value in labels.items():
+        if not 0 < len(key) <= MAX_LABEL_KEY_CHARS:
+            raise invalid_argument(
+                "labels", f"label key {echo(key)} must be 1–{MAX_LABEL_KEY_CHARS} characters long"
+            )
+        if len(value) > MAX_LABEL_VALUE_CHARS:
+            raise invalid_argument(
+                f"labels[{echo(key)}]",
+                f"is {len(value)} characters long; at most {MAX_LABEL_VALUE_CHARS} are accepted",
+            )
 
 
 class VoiceRegistry:
@@ -85,6 +127,9 @@ class VoiceRegistry:
 
     def enroll(self, voice: Voice, overwrite: bool = False) -> Voice:
         check_voice_id(voice.voice_id)
+        check_voice_fields(voice.display_name, voice.labels)
+        # The last guard (the servicer checks first): a NaN voice would match nothing, ever.
+        require_finite(voice.embedding, f"the embedding of voice {voice.voice_id!r}", model=voice.model_ref)
         with self._lock:
             if not overwrite:
                 self.check_new(voice.voice_id)

@@ -8,6 +8,7 @@ google.rpc details; anything else becomes INTERNAL with the request id to look u
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import time
@@ -23,6 +24,10 @@ from dramaturg.shared.logs import request_id_var
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# A request id is echoed in the x-request-id header and every log line: a longer one (or one with
+# characters a header cannot carry) is shortened to its head plus a hash of the whole, still unique
+# and searchable, so a 20,000-character id cannot push the answer's headers past the client's limit.
+MAX_REQUEST_ID_CHARS = 128
 # Probes and schema discovery should not count as traffic or need a request id.
 _QUIET_SERVICES = (
     "grpc.health.v1.Health",
@@ -43,6 +48,14 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
         if k == key:
             return v.decode() if isinstance(v, bytes) else v
     return None
+
+
+def bounded_request_id(rid: str) -> str:
+    """``rid`` itself when short and printable; else its first 64 characters, ``~`` and a hash of it."""
+    if len(rid) <= MAX_REQUEST_ID_CHARS and rid.isprintable() and rid.isascii():
+        return rid
+    head = "".join(c if c.isascii() and c.isprintable() else "_" for c in rid[:64])
+    return f"{head}~{hashlib.sha256(rid.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
 
 def current_request_id() -> str:
@@ -112,6 +125,7 @@ class _Call:
     def begin(self, request: Any, context: grpc.aio.ServicerContext) -> contextvars_token:
         if not self.rid:
             self.rid = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
+        self.rid = bounded_request_id(self.rid)
         if not self.quiet:
             metrics.GRPC_STARTED.labels(*self.labels).inc()
         return request_id_var.set(self.rid)
