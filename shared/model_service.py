@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
 from dramaturg.shared.audio import Audio, AudioLimits, decode_audio_input
+from dramaturg.shared.blobs import default_blob_root
 from dramaturg.shared.config import ServiceSettings, dramaturg_home
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.grpc.server import Registration
@@ -43,8 +44,9 @@ class ModelServiceSettings(ServiceSettings):
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
     max_loaded_models: int = 2
     max_concurrent_trainings: int = 1
-    # Roots under which AudioInput.uri may point (empty: URIs refused).
-    audio_uri_roots: list[str] = Field(default_factory=list)
+    # Roots under which AudioInput.uri may point (empty: URIs refused). The default is the gateway's
+    # blob store, $DRAMATURG_HOME/blobs, so jobs whose audio the gateway sends by URI are readable.
+    audio_uri_roots: list[str] = Field(default_factory=lambda: [str(default_blob_root())])
     # Audio inputs shorter or longer than these are refused (each service sets its own defaults).
     min_seconds: float = Field(0.0, ge=0)
     max_seconds: float = Field(600.0, gt=0)
@@ -174,6 +176,7 @@ class ModelService(Service, abc.ABC):
         await asyncio.to_thread(self.runner.close)
         await self.models.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
 
 M = TypeVar("M")
 

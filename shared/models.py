@@ -4,6 +4,10 @@ A model service gives :class:`ModelManager` a loader (store record → loaded mo
 resolves refs (``name``, ``name:latest``, ``name:v3``, empty = the default), loads on first use or on
 LoadModel, keeps a bounded number loaded (least recently used goes first), and answers
 ListModels / LoadModel / UnloadModel for every service the same way (Triton's model-repository idea).
+
+Resolving a ref runs on every RPC. The store answers it from its in-memory snapshot after one
+``stat`` (shared/store.py); only when the store changed does the manager let it rescan its folders,
+and then in a worker thread, so no folder scan or JSON parsing blocks the event loop.
 """
 
 from __future__ import annotations
@@ -69,15 +73,28 @@ class ModelManager(Generic[M]):
 
     def resolve(self, ref: ModelRefLike) -> ModelRecord:
         """Store record for a ref; an empty ref is this server's default (LoadModel make_default),
-        else the store's default."""
+        else the store's default. May scan the store: async code calls :meth:`lookup`."""
         empty = (isinstance(ref, common_pb2.ModelRef) and not ref.name) or (isinstance(ref, str) and not ref)
         if empty and self._default_ref:
             ref = self._default_ref
         return self.store.resolve(self.service, ref)
 
+    async def lookup(self, ref: ModelRefLike) -> ModelRecord:
+        """:meth:`resolve` without blocking the event loop: from the store's snapshot when it is
+        current, else after refreshing it in a worker thread."""
+        if not self.store.is_current(self.service):
+            await asyncio.to_thread(self.store.refresh, self.service)
+        return self.resolve(ref)
+
+    async def records(self) -> list[ModelRecord]:
+        """Every published version of this service (ListModels), without blocking the event loop."""
+        if not self.store.is_current(self.service):
+            await asyncio.to_thread(self.store.refresh, self.service)
+        return self.store.list(service=self.service)
+
     async def get(self, ref: ModelRefLike) -> Loaded[M]:
         """The loaded model for ``ref``, loading it (in a worker thread) if needed."""
-        record = self.resolve(ref)
+        record = await self.lookup(ref)
         key = record.ref
         loaded = self._loaded.get(key)
         if loaded is not None:
@@ -113,7 +130,7 @@ class ModelManager(Generic[M]):
         return loaded
 
     async def unload(self, ref: ModelRefLike) -> ModelRecord:
-        record = self.resolve(ref)
+        record = await self.lookup(ref)
         async with self._lock:
             loaded = self._loaded.pop(record.ref, None)
         if loaded is None:
@@ -149,7 +166,7 @@ class ModelRepositoryServicer(common_pb2_grpc.ModelRepositoryServicer):
         self.manager = manager
 
     async def ListModels(self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        records = self.manager.store.list(service=self.manager.service)
+        records = await self.manager.records()
         infos = [self.manager.info(r) for r in records]
         if request.loaded_only:
             infos = [i for i in infos if i.loaded]

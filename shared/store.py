@@ -7,12 +7,21 @@ Layout (``ROOT`` is ``DRAMATURG_HOME``)::
     ROOT/models/<service>/<name>/.sequence    last sequence number handed out (versions never reused)
     ROOT/models/<service>/<name>/.lock        flock taken while a version is numbered and published
     ROOT/models/<service>/.default.json       {"name", "version"} the service serves without a ref
+    ROOT/models/.generation                   a random token replaced after every change (see below)
 
 BentoML's store is deliberately not used: its dependency tree pins certifi beyond what the rest of
 the stack accepts and its gRPC serving is gone, while all we need is "publish atomically, find the
 newest, read the metadata". A version is written into a hidden staging folder beside its final
 place, its metadata is fsynced, then it is renamed into place, so a crash never leaves a half
 version visible; stale staging folders are skipped by every reader and removed when found.
+
+Lookups are cached. Serving resolves a model ref on every RPC, and scanning the version folders and
+parsing their JSON each time would block the event loop; instead a :class:`ModelStore` keeps one
+snapshot per service and trusts it while ``models/.generation`` is unchanged. Every change through a
+store (publish, delete, set_default, in any process) replaces that file after the change is visible,
+so the check is one ``stat`` (plus a 40-byte read within two seconds of a change, where a file
+system's coarse timestamps could hide a second change). A tree edited by hand is seen after the next
+change through a store, or after ``models/.generation`` is deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -47,6 +57,10 @@ _TRASH_PREFIX = ".trash-"
 _SEQUENCE_FILE = ".sequence"
 _LOCK_FILE = ".lock"
 _DEFAULT_FILE = ".default.json"
+_GENERATION_FILE = ".generation"
+# Within this long of the generation file's last change its content is compared too: two changes
+# inside one timestamp tick can leave the same inode number, size and times behind.
+_RACY_NS = 2_000_000_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
 # Staging folders of a live process are left alone; those of dead ones, or older than this, go.
@@ -309,6 +323,15 @@ class VersionWriter(contextlib.AbstractContextManager[Path]):
         return False
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """One service's published versions and default pointer, as of one store generation."""
+
+    generation: tuple[Any, ...]
+    versions: dict[str, list[ModelRecord]]  # model name → versions, oldest first (never empty)
+    default: tuple[str, str] | None
+
+
 class ModelStore:
     """Versioned models of every service under ``root/models`` (see the module docstring for the layout)."""
 
@@ -316,6 +339,8 @@ class ModelStore:
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._snapshots_lock = threading.Lock()
         try:
             self.cleanup_staging()
         except OSError as err:  # a read-only or racing tree must not stop a server from starting
@@ -390,6 +415,7 @@ class ModelStore:
             os.rename(staging, record.path)
             fsync_dir(name_dir)
             atomic_write_json(name_dir / _SEQUENCE_FILE, {"sequence": sequence}, durable=True)
+        self._changed()
         log.info("published %s model %s (%d files)", service, record.ref, len(files))
         return record
 
@@ -425,12 +451,15 @@ class ModelStore:
                 os.rename(record.path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             fsync_dir(name_dir)
-        pointer = self._read_default(service)
-        if pointer and pointer[0] == name and (not version or pointer[1] in ("", version)):
-            remaining = self._read_versions(service, name)
-            if not remaining or pointer[1] == version:
-                (self.models_dir / service / _DEFAULT_FILE).unlink(missing_ok=True)
-                log.info("%s: default model %s was deleted; no default now", service, name)
+        try:
+            pointer = self._read_default(service)
+            if pointer and pointer[0] == name and (not version or pointer[1] in ("", version)):
+                remaining = self._read_versions(service, name)
+                if not remaining or pointer[1] == version:
+                    (self.models_dir / service / _DEFAULT_FILE).unlink(missing_ok=True)
+                    log.info("%s: default model %s was deleted; no default now", service, name)
+        finally:
+            self._changed()
         return records
 
     def set_default(self, service: str, name: str, version: str = "") -> ModelRecord:
@@ -438,16 +467,32 @@ class ModelStore:
         record = self.resolve(service, (name, version))
         service_dir = self.models_dir / service
         atomic_write_json(service_dir / _DEFAULT_FILE, {"name": name, "version": version or ""})
+        self._changed()
         return replace(record, is_default=True)
 
     # ----------------------------------------------------------------------------------------- read
 
+    def is_current(self, service: str) -> bool:
+        """Whether lookups for ``service`` are answered from memory now (no folder scan): one ``stat``.
+
+        Async callers check this first and, when it is False, refresh the snapshot in a worker thread
+        (:meth:`refresh`) rather than scanning on their event loop.
+        """
+        with self._snapshots_lock:
+            snapshot = self._snapshots.get(service)
+        return snapshot is not None and snapshot.generation == self._generation()
+
+    def refresh(self, service: str) -> None:
+        """Bring the service's snapshot up to date (scans its folders if the store changed)."""
+        self._snapshot(service)
+
     def default(self, service: str) -> ModelRecord | None:
         """The service's default model, or None when none was set (or it was deleted)."""
-        pointer = self._read_default(service)
+        snapshot = self._snapshot(service)
+        pointer = snapshot.default
         if pointer is None:
             return None
-        versions = self._read_versions(service, pointer[0])
+        versions = snapshot.versions.get(pointer[0], [])
         pick = self._pick(versions, pointer[1])
         if pick is None:
             log.warning("%s: default model %s:%s no longer exists", service, pointer[0], pointer[1] or LATEST)
@@ -466,7 +511,7 @@ class ModelStore:
                                 hint=f"no default set; available: {', '.join(names)}" if names
                                 else f"the store has no {service} models yet")
             return record
-        pick = self._pick(self._read_versions(service, name), version)
+        pick = self._pick(self._snapshot(service).versions.get(name, []), version)
         if pick is None:
             raise self._missing(service, name, version)
         return self._mark_default(pick)
@@ -528,7 +573,60 @@ class ModelStore:
         return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _names(self, service: str) -> list[str]:
-        return [d.name for d in self._dirs(self.models_dir / service) if self._read_versions(service, d.name)]
+        return sorted(self._snapshot(service).versions)
+
+    # ------------------------------------------------------------------------------ lookup cache
+
+    def _generation(self) -> tuple[Any, ...]:
+        """What identifies the store's current state: the generation file's stat (and, just after a
+        change, its content). Reading it before a scan makes any later change give another value."""
+        path = self.models_dir / _GENERATION_FILE
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return ()
+        key: tuple[Any, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if time.time_ns() - st.st_mtime_ns < _RACY_NS:
+            try:
+                key += (path.read_bytes(),)
+            except FileNotFoundError:
+                return ()
+        return key
+
+    def _changed(self) -> None:
+        """After a change is visible: tell every ModelStore (this process or another) to scan again."""
+        with self._snapshots_lock:
+            self._snapshots.clear()
+        path = self.models_dir / _GENERATION_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_text(uuid.uuid4().hex + "\n")
+            os.replace(tmp, path)
+        except OSError as err:  # a store nobody can write to cannot change either
+            tmp.unlink(missing_ok=True)
+            log.warning("could not mark the model store changed (%s): other processes may serve "
+                        "stale lookups until the next change", err)
+
+    def _snapshot(self, service: str) -> _Snapshot:
+        generation = self._generation()
+        with self._snapshots_lock:
+            snapshot = self._snapshots.get(service)
+        if snapshot is not None and snapshot.generation == generation:
+            return snapshot
+        snapshot = self._scan(service, generation)
+        with self._snapshots_lock:
+            self._snapshots[service] = snapshot
+        return snapshot
+
+    def _scan(self, service: str, generation: tuple[Any, ...]) -> _Snapshot:
+        """Read one service's folders: every published version's metadata and the default pointer."""
+        versions: dict[str, list[ModelRecord]] = {}
+        for name_dir in self._dirs(self.models_dir / service):
+            records = self._read_versions(service, name_dir.name)
+            if records:
+                versions[name_dir.name] = records
+        log.debug("scanned the %s model store: %d model(s)", service, len(versions))
+        return _Snapshot(generation, versions, self._read_default(service))
 
     def _read_versions(self, service: str, name: str) -> list[ModelRecord]:
         """Published versions of one name, oldest first. Hidden (staging, trash) folders are skipped."""
@@ -571,16 +669,17 @@ class ModelStore:
         return next((r for r in versions if r.version == version), None)
 
     def _mark_default(self, record: ModelRecord) -> ModelRecord:
-        pointer = self._read_default(record.service)
+        snapshot = self._snapshot(record.service)
+        pointer = snapshot.default
         if pointer is None or pointer[0] != record.name:
             return record
         if pointer[1]:
             return replace(record, is_default=pointer[1] == record.version)
-        newest = self._pick(self._read_versions(record.service, record.name), "")
+        newest = self._pick(snapshot.versions.get(record.name, []), "")
         return replace(record, is_default=newest is not None and newest.version == record.version)
 
     def _missing(self, service: str, name: str, version: str) -> Exception:
-        versions = self._read_versions(service, name)
+        versions = self._snapshot(service).versions.get(name, [])
         if versions and version:
             return not_found("model version", f"{name}:{version}",
                              hint=f"available versions of {name}: {', '.join(r.version for r in versions)}")
@@ -593,7 +692,7 @@ class ModelStore:
         services = [service] if service else [d.name for d in self._dirs(self.models_dir)]
         out: list[ModelRecord] = []
         for svc in services:
-            names = [name] if name else [d.name for d in self._dirs(self.models_dir / svc)]
-            for model in names:
-                out.extend(self._mark_default(r) for r in self._read_versions(svc, model))
+            versions = self._snapshot(svc).versions
+            for model in [name] if name else sorted(versions):
+                out.extend(self._mark_default(r) for r in versions.get(model, []))
         return out

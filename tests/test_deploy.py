@@ -148,6 +148,38 @@ def test_compose_refuses_to_start_without_secrets_and_runs_without_gpus() -> Non
         assert "devices" not in json.dumps(svc.get("deploy", {})), f"{name} still reserves a GPU"
 
 
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def test_compose_job_audio_reaches_the_model_services() -> None:
+    """By URI (compose's setting), the services must see the gateway's blob store at the same path."""
+    from dramaturg.shared.config import load_settings
+
+    services = compose_config("docker-compose.yml")["services"]
+    env = services["gateway"]["environment"]
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("DRAMATURG_")]:
+            mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        settings = load_settings(settings_class("gateway"), env_prefix="DRAMATURG_GATEWAY_")
+    if settings.audio_transport != "uri":
+        return
+    blob_root = settings.blob_root or f"{env['DRAMATURG_HOME']}/blobs"
+
+    def volume(svc: dict) -> str:
+        mounts = [v for v in svc["volumes"] if _under(blob_root, v["target"])]
+        assert mounts, f"nothing mounted at {blob_root}"
+        return max(mounts, key=lambda v: len(v["target"]))["source"]
+
+    for name in model_services():
+        svc = services[name]
+        assert volume(svc) == volume(services["gateway"]), f"{name} does not share the gateway's blob store"
+        # the services' default audio_uri_roots is $DRAMATURG_HOME/blobs
+        assert _under(blob_root, f"{svc['environment']['DRAMATURG_HOME']}/blobs"), name
+
+
 # ------------------------------------------------------------------------------------------ kubernetes
 @cache
 def build(overlay: str) -> tuple[dict, ...]:
@@ -303,9 +335,12 @@ def test_training_jobs_are_suspended_templates_of_the_serving_images(overlay: st
     volume = next(v for v in pod["volumes"] if "configMap" in v)
     recipe = yaml.safe_load(configmaps[volume["configMap"]["name"]]["data"]["train.yaml"])
     assert recipe["dataset"].startswith("/data/"), f"{where}: datasets live on the model store"
+    from dramaturg.shared import registry
+    from dramaturg.shared.training import load_recipes
+
     try:
-        recipes = importlib.import_module(f"dramaturg.services.{service}.train").RECIPES
-    except ModuleNotFoundError as exc:
+        recipes = load_recipes(registry.recipes_path(service))  # the light recipes module, as the server
+    except registry.ServiceNotBuilt as exc:
         pytest.skip(f"{service} training is not built yet ({exc}): recipe {recipe['recipe']!r} not checked")
     assert recipe["recipe"] in recipes, f"{where}: no recipe {recipe['recipe']!r} (have {sorted(recipes)})"
 
@@ -409,6 +444,59 @@ def test_gpu_overlay_keeps_jobs_in_a_non_root_postgresql(tmp_path: Path) -> None
     assert not objects(cpu, "StatefulSet")
     (cpu_gateway,) = objects(cpu, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
     assert "DRAMATURG_GATEWAY_JOB_STORE" not in {e["name"] for e in cpu_gateway["env"]}
+
+
+def pod_settings(docs, name: str, tmp_path: Path):
+    """A Deployment's settings as its pod computes them: ConfigMap ← environment, defaults resolved
+    under the pod's DRAMATURG_HOME; also its pod spec and container."""
+    from dramaturg.shared.config import load_settings
+
+    pod = objects(docs, "Deployment")[name]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    volume = next(v for v in pod["volumes"] if "configMap" in v)
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(objects(docs, "ConfigMap")[volume["configMap"]["name"]]["data"]["config.yaml"])
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("DRAMATURG_")]:
+            mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        settings = load_settings(settings_class(name), config, env_prefix=f"DRAMATURG_{name.upper()}_")
+    return settings, pod, container, env
+
+
+def claim_at(pod: dict, container: dict, path: str) -> tuple[str, str] | None:
+    """(claim name, mount path) of the PersistentVolumeClaim the container sees ``path`` on."""
+    mounts = [m for m in container["volumeMounts"] if _under(path, m["mountPath"])]
+    if not mounts:
+        return None
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+    return (claim, mount["mountPath"]) if claim else None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_job_audio_reaches_the_model_services(overlay: str, tmp_path: Path) -> None:
+    """Inline requests fit the services' message limit; by URI the services mount the gateway's blob
+    store (same claim, same path) under an allowed root: the shipped manifests keep the gateway's
+    volume apart from the model store, so only inline passes for them."""
+    docs = build(overlay)
+    gateway, gw_pod, gw_container, gw_env = pod_settings(docs, "gateway", tmp_path)
+    blob_root = gateway.blob_root or f"{gw_env['DRAMATURG_HOME']}/blobs"
+    gw_claim = claim_at(gw_pod, gw_container, blob_root)
+    for name in model_services():
+        settings, pod, container, _env = pod_settings(docs, name, tmp_path)
+        where = f"{overlay}: {name}"
+        if gateway.audio_transport == "inline":
+            assert gateway.inline_message_limit_bytes <= settings.server.max_message_bytes, where
+        else:
+            assert gw_claim is not None and claim_at(pod, container, blob_root) == gw_claim, (
+                f"{where}: audio_transport uri, but the service does not mount the gateway's blob store "
+                f"({blob_root}) from the same claim at the same path"
+            )
+            assert any(_under(blob_root, root) for root in settings.audio_uri_roots), where
 
 
 # ------------------------------------------------------------------------------------------ prometheus

@@ -98,6 +98,9 @@ def test_analyze_scene_through_the_gateway(dramaturg_home: Path, scene) -> None:
     stages = {s.name: s for s in final.stages}
     assert [stages[n].service for n in ("diarize", "identify")] == ["diarization", "speaker"]
     assert all(s.state == gateway_pb2.STAGE_SUCCEEDED for s in stages.values())
+    # the gateway's default: the services read the scene from its blob store, nobody sent it inline
+    for name in ("diarize", "identify"):
+        assert json_format.MessageToDict(stages[name].output)["audio_transport"] == "uri"
     result = json_format.MessageToDict(final.result)
     assert result["rttm"] == direct.rttm
     assert sorted(result["speakers"]) == sorted(direct.speakers)

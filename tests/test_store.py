@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import grpc
@@ -172,3 +174,125 @@ def test_data_hash_is_stable_across_copies(tmp_path: Path) -> None:
     os.utime(copy / "train.lst", ns=((data / "train.lst").stat().st_atime_ns,
                                       (data / "train.lst").stat().st_mtime_ns))
     assert data_hash(copy) != first  # same size and mtime, different content: still caught
+
+
+# -- lookups are cached until the store changes -------------------------------------------------------
+
+
+class ScanCounter:
+    """Counts folder scans of a store (and the threads they ran in)."""
+
+    def __init__(self, store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.threads: list[int] = []
+        real = store._scan
+
+        def scan(service, generation):
+            self.threads.append(threading.get_ident())
+            return real(service, generation)
+
+        monkeypatch.setattr(store, "_scan", scan)
+
+    @property
+    def count(self) -> int:
+        return len(self.threads)
+
+
+def test_lookups_come_from_memory_until_the_store_changes(tmp_path: Path, monkeypatch) -> None:
+    store = ModelStore(tmp_path)
+    _publish(store)
+    scans = ScanCounter(store, monkeypatch)
+    assert store.resolve(SERVICE, "voices").ref == "voices:v1"
+    assert scans.count == 1
+    real_open = open
+
+    def no_json(path, *args, **kwargs):  # a cached lookup parses no metadata
+        assert not str(path).endswith(META_FILE), f"read {path}"
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_json)
+    for _ in range(20):
+        assert store.resolve(SERVICE, "voices").ref == "voices:v1"
+        assert store.resolve(SERVICE, "voices:v1").version == "v1"
+        assert [r.ref for r in store.list(SERVICE)] == ["voices:v1"]
+        assert store.is_current(SERVICE)
+    assert scans.count == 1
+    monkeypatch.setattr("builtins.open", real_open)
+    # every change through the store is seen at once: publish, set_default, delete
+    _publish(store)
+    assert not store.is_current(SERVICE)
+    assert store.resolve(SERVICE, "voices").ref == "voices:v2"
+    store.set_default(SERVICE, "voices", "v1")
+    assert store.resolve(SERVICE, "").ref == "voices:v1"
+    store.delete(SERVICE, "voices", "v1")
+    assert store.default(SERVICE) is None
+    assert [r.ref for r in store.list(SERVICE)] == ["voices:v2"]
+    with pytest.raises(ServiceError):
+        store.resolve(SERVICE, "voices:v1")
+    assert scans.count == 4
+
+
+def test_a_change_by_another_process_is_seen_by_the_next_lookup(tmp_path: Path) -> None:
+    serving = ModelStore(tmp_path)  # a model service's store
+    other = ModelStore(tmp_path)  # `dramaturg train` / `dramaturg models` in another process
+    _publish(other)
+    assert serving.resolve(SERVICE, "voices").ref == "voices:v1"
+    _publish(other)
+    assert serving.resolve(SERVICE, "voices").ref == "voices:v2"
+    other.set_default(SERVICE, "voices", "v1")
+    assert serving.resolve(SERVICE, "").ref == "voices:v1"
+    other.delete(SERVICE, "voices")
+    with pytest.raises(ServiceError) as err:
+        serving.resolve(SERVICE, "voices")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    # a version removed by hand is seen once the generation file is deleted too (module docstring)
+    kept = _publish(other, name="kept")
+    assert [r.ref for r in serving.list(SERVICE)] == ["kept:v1"]
+    shutil.rmtree(kept.path)
+    (tmp_path / "models" / ".generation").unlink()
+    assert serving.list(SERVICE) == []
+
+
+def test_two_changes_in_one_timestamp_tick_are_both_seen(tmp_path: Path, monkeypatch) -> None:
+    """Inode numbers are reused and timestamps are coarse: within a moment of a change the
+    generation's content is compared as well, so a second change cannot hide behind the first."""
+    store = ModelStore(tmp_path)
+    _publish(store)
+    assert store.resolve(SERVICE, "voices").ref == "voices:v1"
+    generation = tmp_path / "models" / ".generation"
+    before = os.stat(generation)
+    writer = ModelStore(tmp_path)
+    _publish(writer)
+    # pretend the file system gave the new generation file the old one's inode and times
+    real_stat = os.stat
+
+    def same_stat(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        if Path(path) == generation:
+            return os.stat_result((st.st_mode, before.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                                   before.st_size, 0, 0, 0, 0.0, 0.0, 0.0, 0, before.st_mtime_ns,
+                                   before.st_ctime_ns))
+        return st
+
+    monkeypatch.setattr("dramaturg.shared.store.os.stat", same_stat)
+    assert store.resolve(SERVICE, "voices").ref == "voices:v2"
+
+
+def test_the_model_manager_never_scans_the_store_on_its_event_loop(tmp_path: Path, monkeypatch) -> None:
+    from dramaturg.shared.models import ModelManager
+
+    store = ModelStore(tmp_path)
+    _publish(store)
+    scans = ScanCounter(store, monkeypatch)
+    manager = ModelManager(SERVICE, store, lambda record: (record.ref, "cpu"))
+
+    async def rpcs() -> tuple[int, list[str]]:
+        loop_thread = threading.get_ident()
+        refs = [(await manager.get("voices")).record.ref for _ in range(10)]
+        _publish(ModelStore(tmp_path))  # published elsewhere while serving
+        refs.append((await manager.get("voices")).record.ref)
+        refs += [r.ref for r in await manager.records()]
+        return loop_thread, refs
+
+    loop_thread, refs = asyncio.run(rpcs())
+    assert refs == ["voices:v1"] * 10 + ["voices:v2", "voices:v1", "voices:v2"]
+    assert scans.count == 2 and loop_thread not in scans.threads

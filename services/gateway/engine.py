@@ -5,27 +5,50 @@ WatchJob can replay a job's history from any sequence number and a gateway that 
 unfinished jobs on the next start. Stages that had succeeded keep their persisted output; the others
 run again. Concurrency is bounded twice: at most ``max_running`` jobs run, and at most ``max_pending``
 wait, beyond which SubmitJob answers RESOURCE_EXHAUSTED with a retry delay.
+
+SubmitJob decodes the client's audio once, in a worker thread, into a content-addressed blob
+(shared/blobs.py) that every stage of the job reads; whatever the gateway cannot take (undecodable
+bytes, audio over ``max_audio_seconds``, a scene an inline request could not carry) is the client's
+INVALID_ARGUMENT there and then, never a job that fails later. A blob no unfinished job uses is
+deleted when its last job finishes.
+
+Remote stages are retried only where another attempt can succeed (:func:`retry_after`): UNAVAILABLE,
+deadlines, and RESOURCE_EXHAUSTED from a busy server, but never a request over a gRPC message limit
+(also reported as RESOURCE_EXHAUSTED), which would be refused again byte for byte.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from dramaturg.common.v1 import common_pb2
 from dramaturg.gateway.v1 import gateway_pb2
-from dramaturg.services.gateway.pipelines import PipelineSpec, StageContext, StageSpec
+from dramaturg.services.gateway.pipelines import (
+    SAMPLE_RATE,
+    AudioTransport,
+    JobAudio,
+    PipelineSpec,
+    StageContext,
+    StageSpec,
+)
 from dramaturg.services.gateway.store import TERMINAL_STATES, JobStore, StoredEvent
+from dramaturg.shared import audio as audio_io
+from dramaturg.shared.blobs import BlobStore, default_blob_root
 from dramaturg.shared.grpc import errors
 from dramaturg.shared.grpc.client import ChannelPool
 from dramaturg.shared.grpc.errors import ServiceError, details_from_error
+from dramaturg.shared.store import atomic_write_json
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -47,7 +70,71 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# gRPC's own refusal of an oversized message, on either side: "Sent message larger than max (N vs. M)"
+# or "Received message larger than max (N vs. M)", with status RESOURCE_EXHAUSTED.
+_MESSAGE_TOO_LARGE = re.compile(r"message larger than max", re.IGNORECASE)
+# ErrorInfo reasons of RESOURCE_EXHAUSTED answers that no retry can change (shared/audio.py).
+PERMANENT_REASONS = frozenset({"PAYLOAD_TOO_LARGE"})
+INPUT_FILE = "input.json"  # a job's input: which blob, and its rate and length
+LEGACY_INPUT_FILE = "input.pb"  # what gateways before the blob store kept: the client's AudioInput
 S = gateway_pb2  # short alias for the enums
+_TOO_LARGE_HINT = (
+    " (not retried: the request was over a message size limit; run the gateway with audio_transport: uri "
+    "where the services can read its blob store, or raise the services' server.max_message_bytes)"
+)
+
+
+def message_too_large(code: grpc.StatusCode, message: str, reason: str = "") -> bool:
+    """Whether a RESOURCE_EXHAUSTED says the request itself was too big (permanent), not the server busy."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        reason in PERMANENT_REASONS or bool(_MESSAGE_TOO_LARGE.search(message or ""))
+    )
+
+
+def retry_after(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    reason: str = "",
+    server_delay: float | None = None,
+    backoff: float,
+) -> float | None:
+    """Seconds to wait before another attempt, or None when another attempt cannot succeed.
+
+    UNAVAILABLE and DEADLINE_EXCEEDED are transient. RESOURCE_EXHAUSTED is transient when a server
+    ran out of capacity (a full queue, answered with RetryInfo, or gRPC's concurrent-call limit), but
+    permanent when the message was over a size limit: gRPC reports that with the same code, and
+    sending the same bytes again is refused again. The server's RetryInfo delay wins over ``backoff``.
+    """
+    if code not in RETRYABLE or message_too_large(code, message, reason):
+        return None
+    return server_delay if server_delay else backoff
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """What :data:`INPUT_FILE` records about a job's decoded audio."""
+
+    digest: str
+    suffix: str
+    size: int
+    sample_rate: int
+    num_samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"blob": self.digest, "suffix": self.suffix, "size": self.size,
+                "sample_rate_hz": self.sample_rate, "samples": self.num_samples}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobInput:
+        return cls(str(data["blob"]), str(data.get("suffix", "")), int(data["size"]),
+                   int(data["sample_rate_hz"]), int(data["samples"]))
+
+
+def _decode_to_wav(message: common_pb2.AudioInput, limits: audio_io.AudioLimits) -> tuple[bytes, int]:
+    """The client's audio as a 16 kHz mono 16-bit WAV (runs in a worker thread: decoding takes CPU)."""
+    decoded = audio_io.decode_audio_input(message, target_rate=SAMPLE_RATE, limits=limits, field="audio")
+    return audio_io.encode_wav(decoded), decoded.num_frames
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -81,6 +168,10 @@ class JobEngine:
         max_running: int = 4,
         max_pending: int = 64,
         retry_base_seconds: float = 0.5,
+        blobs: BlobStore | None = None,
+        transport: AudioTransport | None = None,
+        max_audio_seconds: float = 3 * 3600.0,
+        audio_uri_roots: Sequence[str] = (),
     ) -> None:
         self.store = store
         self.work_root = work_root
@@ -88,6 +179,13 @@ class JobEngine:
         self.channels = channels
         self.max_pending = max_pending
         self.retry_base_seconds = retry_base_seconds
+        self.blobs = blobs or BlobStore(default_blob_root())  # where the services look by default
+        self.transport = transport or AudioTransport()
+        self.max_audio_seconds = max_audio_seconds
+        self.audio_uri_roots = list(audio_uri_roots)
+        # digest → how many unfinished jobs of this process read that blob (deleted when none does)
+        self._blob_users: dict[str, int] = {}
+        self._job_blob: dict[str, JobInput] = {}
         self._slots = asyncio.Semaphore(max_running)
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancelling: set[str] = set()
@@ -98,7 +196,11 @@ class JobEngine:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Resume every job a previous gateway left PENDING or RUNNING."""
+        await asyncio.to_thread(self.blobs.sweep)
         for job in self.store.unfinished():
+            stored = await asyncio.to_thread(self._read_input, self.work_root / job.job_id)
+            if stored is not None:  # claimed before any job can finish and delete a shared blob
+                self._claim(job.job_id, stored)
             if job.pipeline not in self.pipelines:
                 self._finish(job, S.FAILED, f"pipeline {job.pipeline!r} no longer exists")
                 continue
@@ -128,6 +230,7 @@ class JobEngine:
             )
         params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
         spec.validate_params(params)
+        max_seconds = self._max_seconds(params)
         if not request.HasField("audio") or not request.audio.WhichOneof("source"):
             raise errors.invalid_argument("audio", "set audio.content (bytes) or audio.uri")
         if request.request_id:
@@ -139,20 +242,19 @@ class JobEngine:
                 f"{self._pending} jobs are already waiting (limit {self.max_pending}); retry later",
                 retry_after_seconds=5.0,
             )
-        # Validate the audio now, so a bad file is the client's INVALID_ARGUMENT, not a failed job.
-        from dramaturg.shared import audio as audio_io
-
-        await asyncio.to_thread(
-            audio_io.decode_audio_input,
-            request.audio,
-            target_rate=None,
-            limits=audio_io.AudioLimits(max_seconds=float(params.get("max_seconds", 3 * 3600))),
-            field="audio",
-        )
+        # Decode the audio now, once and off the event loop: a bad file is the client's
+        # INVALID_ARGUMENT, not a failed job, and no stage decodes the client's bytes again.
+        limits = audio_io.AudioLimits(max_seconds=max_seconds, allowed_uri_roots=self.audio_uri_roots)
+        wav, num_samples = await asyncio.to_thread(_decode_to_wav, request.audio, limits)
+        spec.check_inline(num_samples / SAMPLE_RATE, num_samples, params, self.transport)
         job_id = uuid.uuid4().hex[:12]
         work = self.work_root / job_id
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "input.pb").write_bytes(request.audio.SerializeToString())
+        try:
+            stored = await self._store_input(job_id, wav, num_samples)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        del wav
         job = gateway_pb2.Job(
             job_id=job_id,
             pipeline=spec.name,
@@ -169,13 +271,113 @@ class JobEngine:
                 for s in spec.stages
             ],
         )
-        stored, created = self.store.create(job)
-        if not created:
+        try:
+            saved, created = self.store.create(job)
+        except BaseException:
+            self._release(job_id)
             shutil.rmtree(work, ignore_errors=True)
-            return stored
+            raise
+        if not created:  # a concurrent submit with the same request_id won
+            self._release(job_id)
+            shutil.rmtree(work, ignore_errors=True)
+            return saved
+        log.info("job %s (%s): %.1f s of audio in blob %s", job_id, spec.name,
+                 num_samples / SAMPLE_RATE, stored.digest[:16])
         self._event(job_id, S.JOB_STATE_CHANGED, message="submitted")
         self._launch(job_id)
+        return saved
+
+    def _max_seconds(self, params: dict[str, Any]) -> float:
+        """The job's audio-length limit: its max_seconds parameter, at most the gateway's."""
+        asked = params.get("max_seconds")
+        if asked is None:
+            return self.max_audio_seconds
+        if not 0 < float(asked) <= self.max_audio_seconds:
+            raise errors.invalid_argument(
+                "params.max_seconds",
+                f"must be above 0 and at most {self.max_audio_seconds:g} s, the longest audio this gateway "
+                "takes (max_audio_seconds)",
+            )
+        return float(asked)
+
+    # -- job inputs in the blob store ----------------------------------------------------------
+    async def _store_input(self, job_id: str, wav: bytes, num_samples: int) -> JobInput:
+        """Write the decoded audio to the blob store and the job's reference to it (in a worker thread).
+
+        The blob is claimed for the job *before* it is written, so a finishing job that used the same
+        content cannot delete it between the write and the claim.
+        """
+        digest = BlobStore.digest_of(wav)
+        stored = JobInput(digest, ".wav", len(wav), SAMPLE_RATE, num_samples)
+        self._claim(job_id, stored)
+        work = self.work_root / job_id
+
+        def write() -> None:
+            self.blobs.put(wav, stored.suffix)
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(work / INPUT_FILE, stored.to_json())
+
+        try:
+            await asyncio.to_thread(write)
+        except BaseException:
+            self._release(job_id)
+            raise
         return stored
+
+    def _claim(self, job_id: str, stored: JobInput) -> None:
+        if job_id in self._job_blob:
+            return
+        self._job_blob[job_id] = stored
+        self._blob_users[stored.digest] = self._blob_users.get(stored.digest, 0) + 1
+
+    def _release(self, job_id: str) -> None:
+        """The job no longer needs its blob: delete it unless another unfinished job uses it too."""
+        stored = self._job_blob.pop(job_id, None)
+        if stored is None:
+            return
+        users = self._blob_users.get(stored.digest, 0) - 1
+        if users > 0:
+            self._blob_users[stored.digest] = users
+            return
+        self._blob_users.pop(stored.digest, None)
+        try:
+            self.blobs.delete(stored.digest, stored.suffix)
+        except OSError as exc:  # the job's outcome stands; a leftover blob is only disk space
+            log.warning("job %s: could not delete its audio blob: %s", job_id, exc)
+
+    @staticmethod
+    def _read_input(work: Path) -> JobInput | None:
+        try:
+            return JobInput.from_json(json.loads((work / INPUT_FILE).read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable job input %s: %s", work / INPUT_FILE, exc)
+            return None
+
+    async def _job_audio(self, job_id: str, work: Path) -> JobAudio:
+        """The running job's audio; a job an older gateway stored (its AudioInput) is decoded into a
+        blob first, once."""
+        stored = self._job_blob.get(job_id) or await asyncio.to_thread(self._read_input, work)
+        if stored is None:
+            legacy = work / LEGACY_INPUT_FILE
+            if not await asyncio.to_thread(legacy.is_file):
+                raise _StageFailed("", f"{work / INPUT_FILE} is missing")
+            message = common_pb2.AudioInput.FromString(await asyncio.to_thread(legacy.read_bytes))
+            limits = audio_io.AudioLimits(max_seconds=self.max_audio_seconds)
+            try:
+                wav, num_samples = await asyncio.to_thread(_decode_to_wav, message, limits)
+            except ServiceError as exc:
+                raise _StageFailed("", f"it does not decode: {exc.message}") from exc
+            stored = await self._store_input(job_id, wav, num_samples)
+            await asyncio.to_thread(legacy.unlink, missing_ok=True)
+            log.info("job %s: moved its input from %s into the blob store", job_id, LEGACY_INPUT_FILE)
+        self._claim(job_id, stored)
+        ref = await asyncio.to_thread(self.blobs.get, stored.digest, stored.suffix)
+        if ref is None:
+            raise _StageFailed("", f"its blob {stored.digest} is gone from {self.blobs.root}; "
+                                   "submit the job again")
+        return JobAudio(ref, stored.sample_rate, stored.num_samples)
 
     def get(self, job_id: str) -> gateway_pb2.Job:
         job = self.store.get(job_id) if job_id else None
@@ -280,6 +482,7 @@ class JobEngine:
                 stage.state = S.STAGE_CANCELLED if state == S.CANCELLED else S.STAGE_SKIPPED
         self._save(job, S.JOB_STATE_CHANGED, message=message)
         JOBS_TOTAL.labels(job.pipeline, S.JobState.Name(state)).inc()
+        self._release(job.job_id)
 
     def _launch(self, job_id: str) -> None:
         self._pending += 1
@@ -319,8 +522,13 @@ class JobEngine:
             return
         spec = self.pipelines[job.pipeline]
         work = self.work_root / job_id
-        audio = common_pb2.AudioInput.FromString((work / "input.pb").read_bytes())
         params = json_format.MessageToDict(job.params)
+        try:
+            audio = await self._job_audio(job_id, work)
+        except (_StageFailed, OSError) as failure:
+            log.warning("job %s: no input audio: %s", job_id, failure)
+            self._finish(job, S.FAILED, f"the job's input audio cannot be read: {failure}")
+            return
         job.state = S.RUNNING
         self._save(job, S.JOB_STATE_CHANGED, message="running")
         stages = {s.name: s for s in job.stages}
@@ -373,7 +581,7 @@ class JobEngine:
         stage: gateway_pb2.Stage,
         params: dict,
         work: Path,
-        audio: common_pb2.AudioInput,
+        audio: JobAudio,
         inputs: dict[str, dict],
     ) -> dict:
         name = stage_spec.name
@@ -399,26 +607,30 @@ class JobEngine:
                 deadline=time.monotonic() + stage_spec.timeout_seconds,
                 channel=self.channels.channel,
                 report=report,
+                transport=self.transport,
             )
             began = time.perf_counter()
-            retry_after: float | None = None
+            backoff = self.retry_base_seconds * 2 ** (attempt - first_attempt)
+            delay: float | None = None
             try:
                 async with asyncio.timeout(stage_spec.timeout_seconds):
                     output = await stage_spec.run(ctx)
             except TimeoutError:
                 message = f"deadline of {stage_spec.timeout_seconds:g}s exceeded"
-                retry_after = self.retry_base_seconds * 2 ** (attempt - first_attempt)
+                delay = backoff
             except grpc.aio.AioRpcError as exc:
                 detail = details_from_error(exc)
                 message = f"{stage_spec.service} answered {exc.code().name}: {detail.message}"
-                if exc.code() in RETRYABLE:
-                    retry_after = detail.retry_after_seconds or self.retry_base_seconds * 2 ** (
-                        attempt - first_attempt
-                    )
+                delay = retry_after(exc.code(), detail.message, reason=detail.reason,
+                                    server_delay=detail.retry_after_seconds, backoff=backoff)
+                if message_too_large(exc.code(), detail.message, detail.reason):
+                    message += _TOO_LARGE_HINT
             except ServiceError as exc:
                 message = exc.message
-                if exc.code in RETRYABLE:
-                    retry_after = exc.retry_after_seconds or self.retry_base_seconds
+                delay = retry_after(exc.code, exc.message, reason=exc.reason,
+                                    server_delay=exc.retry_after_seconds, backoff=backoff)
+                if message_too_large(exc.code, exc.message, exc.reason):
+                    message += _TOO_LARGE_HINT
             except asyncio.CancelledError:
                 stage.state = S.STAGE_CANCELLED
                 raise
@@ -436,13 +648,13 @@ class JobEngine:
             STAGE_SECONDS.labels(spec.name, name, "failed").observe(time.perf_counter() - began)
             stage.error = message
             last = attempt == first_attempt + stage_spec.max_attempts - 1
-            if retry_after is None or last:
+            if delay is None or last:
                 stage.state = S.STAGE_FAILED
                 stage.finished_at.CopyFrom(_now())
                 self._save(job, S.STAGE_STATE_CHANGED, name, message)
                 raise _StageFailed(name, message)
             STAGE_RETRIES.labels(spec.name, name).inc()
             stage.state = S.STAGE_PENDING
-            self._save(job, S.LOG, name, f"{message}; retrying in {retry_after:.1f}s")
-            await asyncio.sleep(retry_after)
+            self._save(job, S.LOG, name, f"{message}; retrying in {delay:.1f}s")
+            await asyncio.sleep(delay)
         raise _StageFailed(name, "no attempts left")

@@ -5,27 +5,100 @@ persisted with the job). Stages run when everything they depend on succeeded, in
 concurrently, and each stage has its own deadline and retry budget. Stages that call a model service
 do so over gRPC through ``ctx.channel(service)``.
 
-Built so far: ``probe`` (decode → loudness ∥ activity → summary), whose stages run in the gateway
-itself. The model services' stages (diarize, identify, transcribe, score, re-voice) join as those
-services land (README: status).
+A job's audio is decoded once, when it is submitted, into a 16 kHz mono WAV blob (shared/blobs.py);
+stages see it as :class:`JobAudio` and never decode the client's bytes again. Remote stages hand it
+to the model services as the settings' :class:`AudioTransport` says: by reference (``uri``: the
+services read the blob) or inline, where a per-segment stage sends only its lines' audio, split
+across requests that stay below the services' message limit. CPU work on the samples (reading them,
+measuring them, cropping) runs in worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
+import soundfile as sf
 from dramaturg.common.v1 import common_pb2
+from dramaturg.services.gateway.config import CHANNEL_MESSAGE_LIMIT_BYTES
 from dramaturg.shared import audio as audio_io
-from dramaturg.shared.grpc.errors import invalid_argument
+from dramaturg.shared.blobs import BlobRef
+from dramaturg.shared.grpc.errors import ServiceError, invalid_argument
 
 GATEWAY = "gateway"
+SAMPLE_RATE = 16_000
+FRAME_SECONDS = 0.02
+WAV_HEADER_BYTES = 44  # a plain PCM WAV header, as libsndfile writes it
+# Room in an inline request for everything but the audio (ids, model ref, config, voice ids).
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+# A TimeSpan in a request: two doubles plus tags and a length prefix, rounded up.
+SPAN_BYTES = 24
+
+
+def wav_bytes(num_samples: int) -> int:
+    """Size of a 16-bit mono WAV of ``num_samples`` samples: what an inline request carries."""
+    return WAV_HEADER_BYTES + 2 * num_samples
+
+
+@dataclass
+class JobAudio:
+    """A job's input as the gateway keeps it: a 16 kHz mono 16-bit WAV blob, decoded once at submit.
+
+    The samples are read from the blob at most once per running job (in a worker thread) and shared
+    by the stages that need them; remote stages usually need only :attr:`blob`.
+    """
+
+    blob: BlobRef
+    sample_rate: int
+    num_samples: int
+    _pcm: np.ndarray | None = field(default=None, repr=False)
+    _float: audio_io.Audio | None = field(default=None, repr=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    async def pcm16(self) -> np.ndarray:
+        """The samples exactly as stored (int16): crops re-encoded from these lose nothing."""
+        async with self._lock:
+            if self._pcm is None:
+                self._pcm = await asyncio.to_thread(_read_blob, self.blob.path, "int16")
+            return self._pcm
+
+    async def samples(self) -> audio_io.Audio:
+        """The samples as float32 in [-1, 1) (what the in-gateway measurements use)."""
+        async with self._lock:
+            if self._float is None:
+                data = await asyncio.to_thread(_read_blob, self.blob.path, "float32")
+                self._float = audio_io.Audio(data, self.sample_rate)
+            return self._float
+
+
+def _read_blob(path: Path, dtype: str) -> np.ndarray:
+    data, _rate = sf.read(str(path), dtype=dtype, always_2d=False)
+    return np.ascontiguousarray(data)
+
+
+@dataclass(frozen=True)
+class AudioTransport:
+    """How remote stages send the job's audio (``GatewaySettings.audio_transport``)."""
+
+    mode: Literal["uri", "inline"] = "uri"
+    inline_limit_bytes: int = CHANNEL_MESSAGE_LIMIT_BYTES
+
+    @property
+    def audio_budget_bytes(self) -> int:
+        """What one inline request may spend on audio."""
+        return self.inline_limit_bytes - REQUEST_OVERHEAD_BYTES
 
 
 @dataclass
@@ -36,13 +109,16 @@ class StageContext:
     params: dict[str, Any]
     work_dir: Path
     inputs: dict[str, dict[str, Any]]  # outputs of the stages it depends on, by stage name
-    audio: common_pb2.AudioInput
+    audio: JobAudio
     deadline: float  # absolute time.monotonic() by which this attempt must finish
     channel: Callable[[str], grpc.aio.Channel]
     report: Callable[[float, str], Awaitable[None]]  # (fraction 0–1, message) → progress event
+    transport: AudioTransport = field(default_factory=AudioTransport)
 
 
 StageFn = Callable[[StageContext], Awaitable[dict[str, Any]]]
+# What a remote stage sends of the job's audio: nothing, the whole scene, or the audio of some lines.
+StageAudio = Literal["", "whole", "segments"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +129,7 @@ class StageSpec:
     depends_on: tuple[str, ...] = ()
     timeout_seconds: float = 120.0
     max_attempts: int = 3
+    audio: StageAudio = ""  # lets the gateway refuse at submit what an inline request cannot carry
 
 
 @dataclass(frozen=True)
@@ -97,29 +174,170 @@ class PipelineSpec:
                 raise invalid_argument(
                     f"params.{key}", f"expected {expected.__name__}, got {type(value).__name__}"
                 )
+        if "segments" in params:
+            parse_segments(params["segments"])
+
+    def check_inline(self, audio_seconds: float, num_samples: int, params: dict[str, Any],
+                     transport: AudioTransport) -> None:
+        """Refuse at submit what an inline request to a remote stage could never carry.
+
+        Only with ``audio_transport: inline``: by URI a request names the blob whatever its length.
+        """
+        if transport.mode != "inline":
+            return
+        limit = transport.inline_limit_bytes
+        budget = transport.audio_budget_bytes
+        for stage in self.stages:
+            if stage.service == GATEWAY or not stage.audio:
+                continue
+            if stage.audio == "whole" and wav_bytes(num_samples) > budget:
+                fits = (budget - WAV_HEADER_BYTES) / 2 / SAMPLE_RATE
+                raise invalid_argument(
+                    "audio",
+                    f"the audio is {audio_seconds:.1f} s, {wav_bytes(num_samples) / 2**20:.1f} MiB as 16 kHz "
+                    f"WAV, and stage {stage.name} sends it whole to the {stage.service} service, but this "
+                    f"gateway sends audio inline in requests of at most {limit} bytes "
+                    f"(inline_message_limit_bytes; about {fits:.0f} s of audio): send shorter audio, or run "
+                    "the gateway with audio_transport: uri on a file system the services can read",
+                    reason="AUDIO_TOO_LARGE_FOR_INLINE",
+                )
+            if stage.audio == "segments" and params.get("segments"):
+                longest = max(end - start for start, end in parse_segments(params["segments"]))
+                if wav_bytes(round(longest * SAMPLE_RATE)) + SPAN_BYTES > budget:
+                    raise invalid_argument(
+                        "params.segments",
+                        f"a {longest:.1f} s segment does not fit one inline request of at most {limit} "
+                        "bytes (inline_message_limit_bytes): split it, or run the gateway with "
+                        "audio_transport: uri",
+                        reason="AUDIO_TOO_LARGE_FOR_INLINE",
+                    )
+
+
+def parse_segments(given: Any) -> list[list[float]]:
+    """The ``segments`` parameter as [[start, end], …] seconds, or INVALID_ARGUMENT naming the bad one."""
+    if not isinstance(given, list):
+        raise invalid_argument("params.segments", "a list of [start_seconds, end_seconds]")
+    segments = []
+    for i, seg in enumerate(given):
+        ok = isinstance(seg, list) and len(seg) == 2
+        ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in seg)
+        if not ok:
+            raise invalid_argument(f"params.segments[{i}]", "each segment is [start_seconds, end_seconds]")
+        if not (math.isfinite(seg[0]) and math.isfinite(seg[1]) and 0 <= seg[0] < seg[1]):
+            raise invalid_argument(f"params.segments[{i}]", "needs 0 ≤ start < end")
+        segments.append([float(seg[0]), float(seg[1])])
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sending the job's audio to a model service.
+
+
+async def whole_audio(ctx: StageContext, stage: str) -> common_pb2.AudioInput:
+    """The whole scene for a request: the blob's URI, or its bytes when the transport is inline."""
+    if ctx.transport.mode == "uri":
+        return common_pb2.AudioInput(encoding=common_pb2.WAV, uri=ctx.audio.blob.uri)
+    if ctx.audio.blob.size > ctx.transport.audio_budget_bytes:  # refused at submit unless settings changed
+        raise invalid_argument(
+            "audio",
+            f"stage {stage}: the audio ({ctx.audio.blob.size} bytes as WAV) is larger than an inline request "
+            f"may be ({ctx.transport.inline_limit_bytes} bytes, inline_message_limit_bytes); run the "
+            "gateway with audio_transport: uri",
+            reason="AUDIO_TOO_LARGE_FOR_INLINE",
+        )
+    content = await asyncio.to_thread(ctx.audio.blob.path.read_bytes)
+    return common_pb2.AudioInput(encoding=common_pb2.WAV, content=content)
+
+
+@dataclass
+class SegmentBatch:
+    """One request's worth of lines: its audio and each line's span within that audio."""
+
+    audio: common_pb2.AudioInput
+    spans: list[common_pb2.TimeSpan]
+
+
+async def segment_batches(ctx: StageContext, segments: list[list[float]]) -> list[SegmentBatch]:
+    """Requests for a per-segment stage: by URI one request with the lines' spans; inline, the lines'
+    audio cut out in the gateway and joined, in as many requests as the message limit needs."""
+    if not segments:
+        return []
+    if ctx.transport.mode == "uri":
+        spans = [common_pb2.TimeSpan(start=a, end=b) for a, b in segments]
+        return [SegmentBatch(common_pb2.AudioInput(encoding=common_pb2.WAV, uri=ctx.audio.blob.uri), spans)]
+    pcm = await ctx.audio.pcm16()
+    return await asyncio.to_thread(_crop_batches, pcm, ctx.audio.sample_rate, segments,
+                                   ctx.transport.audio_budget_bytes, ctx.transport.inline_limit_bytes)
+
+
+def _encode_pcm16(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _crop_batches(pcm: np.ndarray, rate: int, segments: list[list[float]], budget: int,
+                  limit: int) -> list[SegmentBatch]:
+    total = len(pcm)
+    batches: list[SegmentBatch] = []
+    pieces: list[np.ndarray] = []
+    spans: list[tuple[int, int]] = []
+    used = WAV_HEADER_BYTES
+
+    def flush() -> None:
+        nonlocal pieces, spans, used
+        if pieces:
+            joined = np.concatenate(pieces)
+            audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=_encode_pcm16(joined, rate))
+            batches.append(SegmentBatch(audio, [common_pb2.TimeSpan(start=a / rate, end=b / rate)
+                                                for a, b in spans]))
+        pieces, spans, used = [], [], WAV_HEADER_BYTES
+
+    for i, (start, end) in enumerate(segments):
+        # the same sample arithmetic as the services' crop (shared/audio.py), so lines match exactly
+        first, last = round(start * rate), min(round(end * rate), total)
+        if first >= total or last <= first:
+            raise invalid_argument(
+                f"segments[{i}]", f"[{start:g}, {end:g}) s is outside the audio ({total / rate:.3f} s long)"
+            )
+        cost = 2 * (last - first) + SPAN_BYTES
+        if WAV_HEADER_BYTES + cost > budget:
+            raise invalid_argument(
+                f"segments[{i}]",
+                f"a {end - start:.1f} s line does not fit one inline request of at most {limit} bytes "
+                "(inline_message_limit_bytes); run the gateway with audio_transport: uri",
+                reason="AUDIO_TOO_LARGE_FOR_INLINE",
+            )
+        if used + cost > budget:
+            flush()
+        offset = sum(len(p) for p in pieces)
+        pieces.append(pcm[first:last])
+        spans.append((offset, offset + last - first))
+        used += cost
+    flush()
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------------
 # probe: decode and measure audio, all inside the gateway.
 
-SAMPLE_RATE = 16_000
-FRAME_SECONDS = 0.02
-
-
-def _load(ctx: StageContext) -> audio_io.Audio:
-    return audio_io.load_path(ctx.work_dir / "audio.wav")
-
 
 async def decode_stage(ctx: StageContext) -> dict[str, Any]:
-    """Decode whatever the client sent, validate it and keep a 16 kHz mono copy for later stages."""
-    limits = audio_io.AudioLimits(max_seconds=float(ctx.params.get("max_seconds", 3 * 3600)))
-    decoded = audio_io.decode_audio_input(ctx.audio, target_rate=SAMPLE_RATE, limits=limits, field="audio")
-    (ctx.work_dir / "audio.wav").write_bytes(audio_io.encode_wav(decoded))
-    await ctx.report(1.0, f"decoded {decoded.duration:.2f}s")
+    """Report the decoded audio. The decoding itself happened at submit (where bad audio is the
+    client's INVALID_ARGUMENT); this stage checks that the blob is still there for the others."""
+    exists = await asyncio.to_thread(ctx.audio.blob.path.is_file)
+    if not exists:
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the job's decoded audio {ctx.audio.blob.path} is gone from the blob store; "
+            "submit the job again",
+            reason="AUDIO_GONE",
+        )
+    await ctx.report(1.0, f"decoded {ctx.audio.duration:.2f}s")
     return {
-        "duration_seconds": round(decoded.duration, 4),
-        "sample_rate_hz": SAMPLE_RATE,
-        "samples": int(decoded.samples.shape[-1]),
+        "duration_seconds": round(ctx.audio.duration, 4),
+        "sample_rate_hz": ctx.audio.sample_rate,
+        "samples": ctx.audio.num_samples,
     }
 
 
@@ -130,16 +348,13 @@ def _frame_db(samples: np.ndarray, frame: int) -> np.ndarray:
     return 20 * np.log10(rms)
 
 
-async def loudness_stage(ctx: StageContext) -> dict[str, Any]:
-    """Level statistics a mixing engineer checks first: RMS, peak, loudness range and clipping."""
-    audio = _load(ctx)
-    x = audio.samples
-    db = _frame_db(x, int(0.4 * SAMPLE_RATE)) if len(x) >= int(0.4 * SAMPLE_RATE) else np.array([-120.0])
+def _loudness(x: np.ndarray) -> dict[str, Any]:
+    window = int(0.4 * SAMPLE_RATE)
+    db = _frame_db(x, window) if len(x) >= window else np.array([-120.0])
     audible = db[db > -70]
     lra = float(np.percentile(audible, 95) - np.percentile(audible, 10)) if len(audible) > 2 else 0.0
     rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
     peak = float(np.max(np.abs(x))) if len(x) else 0.0
-    await ctx.report(1.0, "measured loudness")
     return {
         "rms_dbfs": round(20 * math.log10(max(rms, 1e-9)), 2),
         "peak_dbfs": round(20 * math.log10(max(peak, 1e-9)), 2),
@@ -148,15 +363,21 @@ async def loudness_stage(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-async def activity_stage(ctx: StageContext) -> dict[str, Any]:
-    """Energy-based speech activity: where there is something to diarize, transcribe and score."""
-    audio = _load(ctx)
+async def loudness_stage(ctx: StageContext) -> dict[str, Any]:
+    """Level statistics a mixing engineer checks first: RMS, peak, loudness range and clipping."""
+    audio = await ctx.audio.samples()
+    result = await asyncio.to_thread(_loudness, audio.samples)
+    await ctx.report(1.0, "measured loudness")
+    return result
+
+
+def _activity(x: np.ndarray, duration: float, margin_db: float) -> dict[str, Any]:
     frame = int(FRAME_SECONDS * SAMPLE_RATE)
-    db = _frame_db(audio.samples, frame)
+    db = _frame_db(x, frame)
     if not len(db):
         return {"speech_seconds": 0.0, "speech_ratio": 0.0, "segments": []}
     floor = float(np.percentile(db, 10))
-    threshold = max(floor + float(ctx.params.get("vad_margin_db", 12.0)), -60.0)
+    threshold = max(floor + margin_db, -60.0)
     active = db > threshold
     segments: list[list[float]] = []
     start = None
@@ -175,13 +396,21 @@ async def activity_stage(ctx: StageContext) -> dict[str, Any]:
         segments.append([start * FRAME_SECONDS, (len(active) - gap) * FRAME_SECONDS])
     segments = [[round(a, 3), round(b, 3)] for a, b in segments if b - a >= 0.1]
     speech = sum(b - a for a, b in segments)
-    await ctx.report(1.0, f"{len(segments)} speech segments")
     return {
         "speech_seconds": round(speech, 3),
-        "speech_ratio": round(speech / max(audio.duration, 1e-9), 4),
+        "speech_ratio": round(speech / max(duration, 1e-9), 4),
         "threshold_dbfs": round(threshold, 2),
         "segments": segments,
     }
+
+
+async def activity_stage(ctx: StageContext) -> dict[str, Any]:
+    """Energy-based speech activity: where there is something to diarize, transcribe and score."""
+    audio = await ctx.audio.samples()
+    margin = float(ctx.params.get("vad_margin_db", 12.0))
+    result = await asyncio.to_thread(_activity, audio.samples, audio.duration, margin)
+    await ctx.report(1.0, f"{len(result['segments'])} speech segments")
+    return result
 
 
 def _probe_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -208,43 +437,58 @@ def _segments(ctx: StageContext) -> list[list[float]]:
     """The line timings the client sent (a script with timecodes), else the detected speech segments."""
     given = ctx.params.get("segments")
     if given:
-        segments = []
-        for i, seg in enumerate(given):
-            if not (isinstance(seg, list) and len(seg) == 2 and all(isinstance(x, int | float) for x in seg)):
-                raise invalid_argument(
-                    f"params.segments[{i}]", "each segment is [start_seconds, end_seconds]"
-                )
-            if not 0 <= seg[0] < seg[1]:
-                raise invalid_argument(f"params.segments[{i}]", "needs 0 ≤ start < end")
-            segments.append([float(seg[0]), float(seg[1])])
-        return segments
+        return parse_segments(given)
     return ctx.inputs["activity"]["segments"]
+
+
+@dataclass
+class _Identified:
+    results: list[Any]  # speaker_pb2.SegmentIdentification, one per line, in order
+    model: str
+    threshold: float
+    requests: int
+
+
+async def _identify(ctx: StageContext, segments: list[list[float]], top_k: int) -> _Identified:
+    """Speaker.Identify over ``segments``: one request by URI, or inline as many as the limit needs."""
+    from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
+
+    batches = await segment_batches(ctx, segments)
+    stub = speaker_pb2_grpc.SpeakerStub(ctx.channel("speaker"))
+    out = _Identified(results=[], model="", threshold=0.0, requests=len(batches))
+    for batch in batches:
+        request = speaker_pb2.IdentifyRequest(
+            request_id=ctx.job_id,
+            audio=batch.audio,
+            top_k=top_k,
+            segments=batch.spans,
+            voice_ids=[str(v) for v in ctx.params.get("voice_ids", [])],
+        )
+        remaining = max(ctx.deadline - time.monotonic(), 0.1)
+        reply = await stub.Identify(request, timeout=remaining)
+        if len(reply.results) != len(batch.spans):
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"the speaker service answered {len(reply.results)} results for {len(batch.spans)} segments",
+            )
+        out.results.extend(reply.results)
+        out.model, out.threshold = f"{reply.model.name}:{reply.model.version}", reply.threshold
+    return out
 
 
 async def identify_stage(ctx: StageContext) -> dict[str, Any]:
     """Speaker.Identify over every line; lines shorter than the service accepts are reported, not sent."""
-    from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
-
     segments = _segments(ctx)
     min_seconds = float(ctx.params.get("min_segment_seconds", 0.5))
     usable = [s for s in segments if s[1] - s[0] >= min_seconds]
-    audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes())
-    request = speaker_pb2.IdentifyRequest(
-        request_id=ctx.job_id,
-        audio=audio,
-        top_k=3,
-        segments=[common_pb2.TimeSpan(start=a, end=b) for a, b in usable],
-        voice_ids=[str(v) for v in ctx.params.get("voice_ids", [])],
-    )
-    remaining = max(ctx.deadline - time.monotonic(), 0.1)
-    reply = await speaker_pb2_grpc.SpeakerStub(ctx.channel("speaker")).Identify(request, timeout=remaining)
+    identified = await _identify(ctx, usable, top_k=3)
     lines = []
-    for result in reply.results:
+    for (start, end), result in zip(usable, identified.results, strict=True):
         best = result.candidates[0] if result.candidates else None
         lines.append(
             {
-                "start": round(result.span.start, 3),
-                "end": round(result.span.end, 3),
+                "start": round(start, 3),
+                "end": round(end, 3),
                 "voice_id": result.voice_id,
                 "best_candidate": best.voice_id if best else "",
                 "score": round(best.score, 4) if best else 0.0,
@@ -254,13 +498,23 @@ async def identify_stage(ctx: StageContext) -> dict[str, Any]:
     return {
         "lines": lines,
         "skipped_short": len(segments) - len(usable),
-        "model": f"{reply.model.name}:{reply.model.version}",
-        "threshold": round(reply.threshold, 4),
+        "model": identified.model,
+        "threshold": round(identified.threshold, 4),
+        "audio_transport": ctx.transport.mode,
+        "requests": identified.requests,
     }
 
 
+# Stage-output keys that say how a stage ran (kept with the stage, left out of the job's result).
+_RUN_KEYS = frozenset({"audio_transport", "requests"})
+
+
+def _public(output: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in output.items() if k not in _RUN_KEYS}
+
+
 def _identify_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"duration_seconds": outputs["decode"]["duration_seconds"], **outputs["identify"]}
+    return {"duration_seconds": outputs["decode"]["duration_seconds"], **_public(outputs["identify"])}
 
 
 IDENTIFY_LINES = PipelineSpec(
@@ -276,6 +530,7 @@ IDENTIFY_LINES = PipelineSpec(
             service="speaker",
             depends_on=("decode", "activity"),
             timeout_seconds=300,
+            audio="segments",
         ),
     ),
     result=_identify_result,
@@ -296,7 +551,7 @@ async def diarize_stage(ctx: StageContext) -> dict[str, Any]:
     """Diarization.Diarize on the decoded scene: turns, exclusive turns and RTTM."""
     from dramaturg.diarization.v1 import diarization_pb2, diarization_pb2_grpc
 
-    audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes())
+    audio = await whole_audio(ctx, "diarize")
     hints = diarization_pb2.DiarizationConfig(
         num_speakers=int(ctx.params.get("num_speakers", 0)),
         min_speakers=int(ctx.params.get("min_speakers", 0)),
@@ -328,41 +583,26 @@ async def diarize_stage(ctx: StageContext) -> dict[str, Any]:
         "rttm": reply.rttm,
         "speakers": list(reply.speakers),
         "model": f"{reply.model.name}:{reply.model.version}",
+        "audio_transport": ctx.transport.mode,
     }
 
 
 async def identify_turns_stage(ctx: StageContext) -> dict[str, Any]:
     """Identify every exclusive turn, then name each diarized speaker by the votes of its turns."""
-    from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
-
     min_seconds = float(ctx.params.get("min_segment_seconds", 0.5))
     turns = ctx.inputs["diarize"]["exclusive_turns"]
     usable = [t for t in turns if t["end"] - t["start"] >= min_seconds]
     votes: dict[str, dict[str, float]] = {}
     identified: dict[tuple[float, float], tuple[str, float]] = {}
-    if usable:
-        audio = common_pb2.AudioInput(
-            encoding=common_pb2.WAV, content=(ctx.work_dir / "audio.wav").read_bytes()
-        )
-        request = speaker_pb2.IdentifyRequest(
-            request_id=ctx.job_id,
-            audio=audio,
-            top_k=1,
-            segments=[common_pb2.TimeSpan(start=t["start"], end=t["end"]) for t in usable],
-            voice_ids=[str(v) for v in ctx.params.get("voice_ids", [])],
-        )
-        remaining = max(ctx.deadline - time.monotonic(), 0.1)
-        reply = await speaker_pb2_grpc.SpeakerStub(ctx.channel("speaker")).Identify(
-            request, timeout=remaining
-        )
-        for turn, result in zip(usable, reply.results, strict=True):
-            best = result.candidates[0] if result.candidates else None
-            if best is None:
-                continue
-            identified[(turn["start"], turn["end"])] = (result.voice_id, best.score)
-            if result.voice_id:  # only confident identifications vote, weighted by duration
-                tally = votes.setdefault(turn["speaker"], {})
-                tally[result.voice_id] = tally.get(result.voice_id, 0.0) + (turn["end"] - turn["start"])
+    reply = await _identify(ctx, [[t["start"], t["end"]] for t in usable], top_k=1)
+    for turn, result in zip(usable, reply.results, strict=True):
+        best = result.candidates[0] if result.candidates else None
+        if best is None:
+            continue
+        identified[(turn["start"], turn["end"])] = (result.voice_id, best.score)
+        if result.voice_id:  # only confident identifications vote, weighted by duration
+            tally = votes.setdefault(turn["speaker"], {})
+            tally[result.voice_id] = tally.get(result.voice_id, 0.0) + (turn["end"] - turn["start"])
     names = {label: max(tally, key=tally.get) for label, tally in votes.items()}
     script = []
     for turn in turns:
@@ -378,7 +618,12 @@ async def identify_turns_stage(ctx: StageContext) -> dict[str, Any]:
     await ctx.report(
         1.0, f"named {len(names)} of {len(votes) or len({t['speaker'] for t in turns})} speakers"
     )
-    return {"speaker_names": names, "script": script}
+    return {
+        "speaker_names": names,
+        "script": script,
+        "audio_transport": ctx.transport.mode,
+        "requests": reply.requests,
+    }
 
 
 def _scene_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -388,7 +633,7 @@ def _scene_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "rttm": diarized["rttm"],
         "speakers": diarized["speakers"],
         "diarization_model": diarized["model"],
-        **outputs["identify"],
+        **_public(outputs["identify"]),
     }
 
 
@@ -399,7 +644,12 @@ ANALYZE_SCENE = PipelineSpec(
     stages=(
         StageSpec("decode", decode_stage, timeout_seconds=120),
         StageSpec(
-            "diarize", diarize_stage, service="diarization", depends_on=("decode",), timeout_seconds=1800
+            "diarize",
+            diarize_stage,
+            service="diarization",
+            depends_on=("decode",),
+            timeout_seconds=1800,
+            audio="whole",
         ),
         StageSpec(
             "identify",
@@ -407,6 +657,7 @@ ANALYZE_SCENE = PipelineSpec(
             service="speaker",
             depends_on=("decode", "diarize"),
             timeout_seconds=600,
+            audio="segments",
         ),
     ),
     result=_scene_result,

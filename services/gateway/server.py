@@ -11,8 +11,9 @@ from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.services.gateway.auth import BearerTokenInterceptor, resolve_token
 from dramaturg.services.gateway.config import GatewaySettings
 from dramaturg.services.gateway.engine import JobEngine
-from dramaturg.services.gateway.pipelines import PIPELINES, PipelineSpec
+from dramaturg.services.gateway.pipelines import PIPELINES, AudioTransport, PipelineSpec
 from dramaturg.services.gateway.store import open_store
+from dramaturg.shared.blobs import BlobStore, default_blob_root
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import ChannelPool
 from dramaturg.shared.grpc.server import Registration
@@ -82,6 +83,10 @@ class GatewayService(Service):
         url = settings.job_store or f"sqlite:///{self.home / 'gateway' / 'jobs.db'}"
         self.store = open_store(url)
         self.channels = ChannelPool(settings.services)
+        # The services find the blobs under their own DRAMATURG_HOME/blobs by default: with
+        # audio_transport uri, gateway and services must see this folder at the same path.
+        self.blobs = BlobStore(Path(settings.blob_root).expanduser() if settings.blob_root
+                               else default_blob_root(self.home))
         self.engine = JobEngine(
             self.store,
             self.home / "gateway" / "jobs",
@@ -90,7 +95,13 @@ class GatewayService(Service):
             max_running=settings.max_running_jobs,
             max_pending=settings.max_pending_jobs,
             retry_base_seconds=settings.retry_base_seconds,
+            blobs=self.blobs,
+            transport=AudioTransport(settings.audio_transport, settings.inline_message_limit_bytes),
+            max_audio_seconds=settings.max_audio_seconds,
+            audio_uri_roots=settings.audio_uri_roots,
         )
+        log.info("job audio goes to the model services by %s (blobs under %s)",
+                 settings.audio_transport, self.blobs.root)
 
     def registrations(self) -> list[Registration]:
         return [

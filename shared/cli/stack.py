@@ -4,6 +4,10 @@ Model services start first; the gateway starts once they are SERVING, with their
 generated config. Everything binds to loopback, state lives under ``$DRAMATURG_HOME`` (SQLite job
 store, local model store, logs), and ``stack.json`` records what runs where so ``down``, ``job`` and
 ``demo`` find it.
+
+All processes share one file system, so the gateway hands job audio to the services by reference:
+its config says ``audio_transport: uri`` and each model service's config puts the gateway's blob
+store (``$DRAMATURG_HOME/blobs``) among its ``audio_uri_roots``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+from dramaturg.shared.blobs import default_blob_root
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import wait_for_serving
+from dramaturg.shared.registry import get as registry_entry
 from dramaturg.shared.registry import model_services
 
 
@@ -67,6 +73,26 @@ def has_model(home: Path, service: str) -> bool:
 
     store = ModelStore(home)
     return store.default(service) is not None or bool(store.list(service=service))
+
+
+def model_service_config(home: Path, service: str) -> Path | None:
+    """The stack's settings for a model service: read the gateway's blobs (None: nothing to set)."""
+    fields = getattr(registry_entry(service).load_settings_class(), "model_fields", {})
+    if "audio_uri_roots" not in fields:
+        return None
+    config = home / "stack" / f"{service}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({"audio_uri_roots": [str(default_blob_root(home))]}))
+    return config
+
+
+def gateway_config(home: Path, endpoints: dict[str, str]) -> Path:
+    """The stack's gateway settings: the services' endpoints, and audio by reference to its blobs."""
+    config = home / "stack" / "gateway.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"services": endpoints, "audio_transport": "uri", "blob_root": str(default_blob_root(home))}
+    config.write_text(yaml.safe_dump(settings))
+    return config
 
 
 def free_port() -> int:
@@ -130,7 +156,7 @@ def start_stack(
                 say(f"skipping {service}: no model in the store yet (train one: make train-{service})")
                 continue
             port, mport = free_port(), free_port()
-            proc, log_path = _spawn(service, port, mport, None, logs, env)
+            proc, log_path = _spawn(service, port, mport, model_service_config(home, service), logs, env)
             procs.append(proc)
             stack.processes.append(StackProcess(service, proc.pid, port, mport, str(log_path)))
             endpoints[service] = f"127.0.0.1:{port}"
@@ -138,9 +164,7 @@ def start_stack(
             say(f"waiting for {p.service} on 127.0.0.1:{p.port} …")
             if not wait_for_serving(f"127.0.0.1:{p.port}", timeout=timeout):
                 raise RuntimeError(f"{p.service} did not become SERVING in {timeout:.0f}s; see {p.log}")
-        config = home / "stack" / "gateway.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump({"services": endpoints}))
+        config = gateway_config(home, endpoints)
         port, mport = gateway_port or free_port(), free_port()
         proc, log_path = _spawn("gateway", port, mport, config, logs, env)
         procs.append(proc)
