@@ -1,4 +1,5 @@
-"""The synthetic corpus: every format parses, runs are deterministic, labels match the audio."""
+"""The synthetic corpus: every format parses, runs are deterministic, labels match the audio; the bank
+loads from its data file, the plan is pure, and every writer runs on its own."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import pytest
 import soundfile as sf
 import yaml
 from dramaturg.shared.cli import data as data_cli
-from dramaturg.shared.data import prosody
+from dramaturg.shared.data import plan, prosody, scripts
+from dramaturg.shared.data.corpus import RenderedCorpus, render_corpus
 from dramaturg.shared.data.prosody import REALISM_DIMENSIONS
 from dramaturg.shared.data.render import add_noise
-from dramaturg.shared.data.synth import PROTOCOL, SCRIPT_BANK, SynthConfig, synthesize_corpus
+from dramaturg.shared.data.synth import PROTOCOL, SCRIPT_BANK, WRITERS, SynthConfig, synthesize_corpus
 from dramaturg.shared.data.voices import make_voice_pool
+from dramaturg.shared.data.writers import fish_speech, pyannote, salmonn, speech_drame, voxceleb
+from dramaturg.shared.data.writers.manifest import write_manifest
 
 pytestmark = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="needs espeak-ng and sox"
@@ -451,3 +455,119 @@ def test_labels_follow_measures():
     )
     scores = prosody.rater_scores(3, np.random.default_rng(0), [0.0] * 6)
     assert len(scores) == 6 and all(1 <= s <= 5 for s in scores)
+
+
+# ------------------------------------------------------------------------------ script bank and plan
+
+
+def test_script_bank_loads_from_its_data_file():
+    raw = yaml.safe_load(scripts.DEFAULT_PATH.read_text())
+    bank = scripts.load_script_bank()
+    assert scripts.DEFAULT_PATH.name == "scripts.yaml" and bank == scripts.default_script_bank()
+    assert [(s.emotion, s.cue, s.text) for s in bank.lines] == [
+        (emotion, item["cue"], item["text"]) for emotion, items in raw["lines"].items() for item in items
+    ]
+    assert list(bank.settings) == raw["settings"]
+    assert bank.lines == SCRIPT_BANK and len(bank.lines) == 60 and len(bank.settings) == 12
+
+
+def test_script_bank_rejects_what_would_render_wrong(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"settings": ["A room."], "lines": {"angy": [{"cue": "c", "text": "t"}]}}))
+    with pytest.raises(ValueError, match="unknown emotion 'angy'"):
+        scripts.load_script_bank(bad)
+    bad.write_text(yaml.safe_dump({"settings": ["A room."], "lines": {"sad": [{"cue": "c"}]}}))
+    with pytest.raises(ValueError, match=r"lines\.sad\[0\]"):
+        scripts.load_script_bank(bad)
+
+
+def _planned_lines(p: plan.CorpusPlan) -> list[plan.PlannedLine]:
+    return [
+        *(t for s in p.scenes for t in s.turns),
+        *(x for lines in p.sessions.values() for x in lines),
+        *(x for lines in p.enrollment.values() for x in lines),
+    ]
+
+
+def test_plan_is_pure_and_draws_from_the_bank(tmp_path):
+    default = plan.plan_corpus(SMALL)
+    assert default == plan.plan_corpus(SMALL)
+    assert default != plan.plan_corpus(SMALL.model_copy(update={"seed": 8}))
+    assert default.bank == scripts.default_script_bank()
+    assert {x.line for x in _planned_lines(default)} <= set(SCRIPT_BANK)
+    assert len(default.render_jobs()) == 4 * 6 + 5 * (3 + plan.ENROLL_LINES)
+    # another bank file: every line and setting of the plan now comes from it
+    own = tmp_path / "own.yaml"
+    own.write_text(
+        yaml.safe_dump(
+            {
+                "settings": ["A submarine.", "A tram."],
+                "lines": {
+                    "sad": [{"cue": "It sank.", "text": "It went down."}],
+                    "happy": [
+                        {"cue": "It floats.", "text": "Up she comes."},
+                        {"cue": "Sun.", "text": "Look!"},
+                    ],
+                },
+            }
+        )
+    )
+    bank = scripts.load_script_bank(own)
+    mine = plan.plan_corpus(SMALL, bank)
+    assert {x.line for x in _planned_lines(mine)} == set(bank.lines)
+    assert {s.setting for s in mine.scenes} <= {"A submarine.", "A tram."}
+    assert [v.speaker_id for v in mine.pool] == [v.speaker_id for v in default.pool]
+
+
+# ------------------------------------------------------------------------------------------- writers
+
+
+@pytest.fixture(scope="module")
+def rendered() -> RenderedCorpus:
+    """SMALL's plan rendered once, outside synthesize_corpus, for the writers to share."""
+    return render_corpus(plan.plan_corpus(SMALL))
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("write", "folder", "counts"),
+    [
+        (pyannote.write_pyannote, "diarization", set()),
+        (voxceleb.write_voxceleb, "speaker", {"trials", "trials_target"}),
+        (fish_speech.write_fish_speech, "tts", {"tts_clips"}),
+        (salmonn.write_salmonn, "audiollm", {"audiollm_items"}),
+        (speech_drame.write_speech_drame, "evaluator", {"realism_items", "archetype_items"}),
+    ],
+    ids=lambda x: getattr(x, "__name__", None),
+)
+def test_each_writer_runs_on_its_own(write, folder, counts, rendered, corpus, tmp_path):
+    """Alone, over a plan rendered apart, a writer makes exactly its own folder, byte-identical to the
+    same folder of a full run: writers share no state and depend on no other writer."""
+    full, manifest = corpus
+    out = tmp_path / "alone"
+    report = write(out, rendered)
+    assert {p.name for p in out.iterdir()} == {folder}
+    assert _files(out / folder) == _files(full / folder)
+    for rel in sorted(_files(out / folder)):
+        assert (out / folder / rel).read_bytes() == (full / folder / rel).read_bytes(), rel
+    assert {k: report[k] for k in counts} == {k: manifest["counts"][k] for k in counts}
+    if write is speech_drame.write_speech_drame:
+        assert report["label_histogram"] == manifest["label_histogram"]
+
+
+def test_manifest_writer_runs_on_its_own(rendered, corpus, tmp_path):
+    full, manifest = corpus
+    alone = write_manifest(tmp_path / "alone", rendered, {}, elapsed_s=1.0)
+    assert _files(tmp_path / "alone") == {"manifest.json"}
+    assert alone["paths"] == {} and "label_histogram" not in alone and "trials" not in alone["counts"]
+    assert alone["speakers"] == manifest["speakers"] and alone["scenes"] == manifest["scenes"]
+    # with every writer's report it is the full run's manifest, but for the wall time
+    reports: dict = {}
+    for write in WRITERS:
+        reports.update(write(tmp_path / "all", rendered))
+    again = write_manifest(tmp_path / "all", rendered, reports, elapsed_s=manifest["elapsed_s"])
+    assert (tmp_path / "all" / "manifest.json").read_bytes() == (full / "manifest.json").read_bytes()
+    assert again == manifest
