@@ -14,13 +14,16 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
+from dramaturg.shared import registry
 
 ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
@@ -111,6 +114,12 @@ def test_compose_config_is_accepted_and_wires_the_stack() -> None:
         assert dockerfile.exists(), (
             f"{name}: {dockerfile.relative_to(ROOT)} is missing (compose --build fails)"
         )
+        # one Dockerfile, the service picked by a build argument; it installs the registered extra
+        args = svc["build"].get("args", {})
+        assert dockerfile == ROOT / "services" / "Dockerfile" and args.get("SERVICE") == name, name
+        extra = args.get("EXTRA", name)
+        extras = PYPROJECT["project"]["optional-dependencies"]
+        assert extra == registry.get(name).extra and extra in extras, name
         devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         if name == "gateway":
             assert not devices, "the gateway needs no GPU"

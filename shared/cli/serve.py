@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dramaturg.shared import registry
@@ -13,7 +14,10 @@ from dramaturg.shared.service import serve_forever
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one service (gRPC + /metrics) in the foreground")
-    p.add_argument("service", choices=registry.known_names())
+    # Images set DRAMATURG_SERVICE (services/Dockerfile), so their CMD needs no name.
+    p.add_argument("service", nargs="?", choices=registry.known_names(),
+                   default=os.environ.get("DRAMATURG_SERVICE") or None,
+                   help="the service to run (default: $DRAMATURG_SERVICE)")
     p.add_argument("--config", help="YAML settings file (see services/<name>/config.py)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=None, help="gRPC port")
@@ -26,6 +30,10 @@ def settings_class(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.service:
+        print("dramaturg serve: name a service (or set DRAMATURG_SERVICE): "
+              f"{', '.join(registry.known_names())}", file=sys.stderr)
+        return 2
     try:
         factory = registry.get(args.service).load_factory()
     except registry.ServiceNotBuilt as exc:
