@@ -60,11 +60,11 @@ up: setup  ## gateway + every built service as local processes (Ctrl-C stops the
 down:  ## stop a stack started with `dramaturg up --detach`
 	-$(DRAMATURG) down
 
-bench: setup  ## side-by-side performance ratios (see bench/README.md)
+bench: setup  ## side-by-side performance ratios (README: Benchmarks)
 	$(PY) -m bench
 
 train-diarization train-speaker train-tts train-audiollm train-evaluator: setup  ## fine-tune one service
-	$(DRAMATURG) train $(@:train-%=%) $(if $(CONFIG),--config $(CONFIG),)
+	$(DRAMATURG) train $(@:train-%=%) --config $(or $(CONFIG),services/$(@:train-%=%)/presets/cpu-quick.yaml)
 
 clean:  ## remove the venv and local state
 	rm -rf $(VENV) .dramaturg

@@ -90,7 +90,7 @@ class ModelService(Service, abc.ABC):
         # The model threads: models load, warm up and run on these and nowhere else, so torch's
         # OpenMP pool lives in them only. An idle pool in another thread (a loader's, asyncio's
         # default executor's) makes libgomp count more threads than cores and stop spin-waiting;
-        # pyannote's CPU LSTM then ran 1.7x slower than in a fresh process (bench/diarization_rtf).
+        # pyannote's CPU LSTM then ran 1.7x slower than in a fresh process (bench/diarization_rtf.py).
         self.executor = ThreadPoolExecutor(self.model_threads(), thread_name_prefix=f"{self.name}-model")
         self.models: ModelManager[Any] = ModelManager(
             self.name,

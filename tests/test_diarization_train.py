@@ -40,13 +40,10 @@ from dramaturg.services.diarization.model import (
     save_artifact,
     tiny_speaker_encoder,
 )
+from dramaturg.services.diarization.recipes import OPTIMIZERS, PRESETS_DIR, RECIPES, SEGMENTATION_DEFAULTS
 from dramaturg.services.diarization.train import (
     EPOCHS_CSV,
     EPOCHS_PNG,
-    OPTIMIZERS,
-    RECIPES,
-    RECIPES_DIR,
-    SEGMENTATION_DEFAULTS,
     make_task,
     make_trainer,
     set_optimizer,
@@ -70,7 +67,7 @@ from dramaturg.shared.training.runs import (
 from helpers import wait_for
 
 SERVICE = "diarization"
-RECIPES_PATH = "dramaturg.services.diarization.train:RECIPES"
+RECIPES_PATH = "dramaturg.services.diarization.recipes:RECIPES"
 TINY_MODEL = {"sincnet": {"stride": 20}, "lstm": {"hidden_size": 32, "num_layers": 1, "bidirectional": True},
               "linear": {"hidden_size": 32, "num_layers": 1}}
 # The recipe keys of a test-sized run: 2 s chunks, the tiny model, the untrained tiny embedding.
@@ -357,7 +354,7 @@ def test_pipeline_recipe_tunes_a_published_model(trained: dict[str, Any], corpus
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_cpu_recipe_learns_to_diarize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """recipes/cpu-quick.yaml on its synthetic corpus: test DER (collar 0) from >= 60 % to <= 15 %.
+    """presets/cpu-quick.yaml on its synthetic corpus: test DER (collar 0) from >= 60 % to <= 15 %.
 
     First the speaker service's own CPU recipe (``make train-speaker``: 110 synthetic speakers of
     another synthetic corpus) trains the embedding and becomes the speaker default, which the
@@ -367,19 +364,19 @@ def test_cpu_recipe_learns_to_diarize(tmp_path: Path, monkeypatch: pytest.Monkey
     through the runner, as ``make demo`` does.
     """
     import yaml
-    from dramaturg.services.speaker.train import RECIPES_DIR as SPEAKER_RECIPES
+    from dramaturg.services.speaker.recipes import PRESETS_DIR as SPEAKER_PRESETS
 
-    spec = yaml.safe_load((RECIPES_DIR / "cpu-quick.yaml").read_text())
+    spec = yaml.safe_load((PRESETS_DIR / "cpu-quick.yaml").read_text())
     corpus = tmp_path / "corpus"
     synthesize_corpus(corpus, SynthConfig(**spec["synth"]))
     voices_corpus = tmp_path / "voices-corpus"
-    speaker_spec = yaml.safe_load((SPEAKER_RECIPES / "cpu-quick.yaml").read_text())
+    speaker_spec = yaml.safe_load((SPEAKER_PRESETS / "cpu-quick.yaml").read_text())
     synthesize_corpus(voices_corpus, SynthConfig(**speaker_spec["synth"]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the speaker worker too: one thread on shared cores
     root = tmp_path / "home"
     store = ModelStore(root)
     timings = {}
-    speaker = TrainingRunner(root, "speaker", "dramaturg.services.speaker.train:RECIPES", store)
+    speaker = TrainingRunner(root, "speaker", "dramaturg.services.speaker.recipes:RECIPES", store)
     try:
         started = time.monotonic()
         voices = speaker.run_inline("cpu-quick", str(voices_corpus), {}, output_model="voices")

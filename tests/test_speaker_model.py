@@ -1,5 +1,6 @@
 """The speaker encoder: every architecture builds tiny, round-trips through save/from_pretrained,
-batches exactly, pools every way the seed lists, and returns L2-normalised float32 embeddings."""
+batches exactly, pools every way "Fine-tuning wav2vec2 for speaker recognition" lists, and returns
+L2-normalised float32 embeddings."""
 
 from __future__ import annotations
 

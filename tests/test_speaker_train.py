@@ -32,9 +32,8 @@ from dramaturg.services.speaker.data import (
 )
 from dramaturg.services.speaker.evaluate import asnorm_scores, eer_min_dcf, evaluate_trials
 from dramaturg.services.speaker.heads import build_head
+from dramaturg.services.speaker.recipes import PRESETS_DIR, RECIPES
 from dramaturg.services.speaker.train import (
-    RECIPES,
-    RECIPES_DIR,
     build_optimizer,
     lr_range_test,
     prepare,
@@ -51,7 +50,7 @@ from helpers import wait_for
 log = logging.getLogger(__name__)
 
 SERVICE = "speaker"
-RECIPES_PATH = "dramaturg.services.speaker.train:RECIPES"
+RECIPES_PATH = "dramaturg.services.speaker.recipes:RECIPES"
 # One torch thread: on two cores shared with other jobs, torch's spinning worker threads make every
 # step several times slower than a single thread does.
 FAST = {"crop_seconds": 0.5, "batch_size": 4, "log_every": 1, "device": "cpu", "torch_threads": 1}
@@ -338,7 +337,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_publishes(corpus: Path, tmp_
 
 # 110 training speakers, 10 held out (280 target and 280 non-target trials among them): the corpus
 # `make train-speaker` builds from the recipe's synth: section.
-LEARNING_CORPUS: dict[str, Any] = yaml.safe_load((RECIPES_DIR / "cpu-quick.yaml").read_text())["synth"]
+LEARNING_CORPUS: dict[str, Any] = yaml.safe_load((PRESETS_DIR / "cpu-quick.yaml").read_text())["synth"]
 
 
 @pytest.mark.slow

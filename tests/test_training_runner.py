@@ -9,6 +9,8 @@ import asyncio
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
+from dramaturg.shared import registry
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.store import ModelStore
-from dramaturg.shared.training import TrainingRunner
+from dramaturg.shared.training import LazyRecipe, TrainingRunner, recipes_with_presets
 from dramaturg.shared.training.metrics import TrainingCollector
 from dramaturg.shared.training.runs import process_alive, process_start_time
 from dramaturg.shared.training.servicer import TrainingServicer
@@ -279,3 +282,57 @@ def test_servicer_over_grpc(env: SimpleNamespace) -> None:
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ recipes and presets
+
+HEAVY_MODULES = ("torch", "transformers", "lightning", "pyannote.audio", "speechbrain", "trl", "peft")
+
+
+@pytest.mark.parametrize("service", registry.model_services())
+def test_a_services_recipes_load_without_the_training_frameworks(service: str) -> None:
+    """The server lists and validates recipes: importing them (and their presets) must not load torch."""
+    path = registry.recipes_path(service)
+    code = (
+        "import sys; from dramaturg.shared.training import load_recipes; "
+        f"recipes = load_recipes({path!r}); assert recipes, 'no recipes'; "
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"{path} imports {out.stdout.strip()}"
+
+
+RAN: list[Any] = []
+
+
+def _train(ctx: Any) -> None:
+    """A LazyRecipe's target (imported by name when the recipe runs)."""
+    RAN.append(ctx)
+
+
+def test_presets_derive_from_base_recipes(tmp_path: Path) -> None:
+    base = LazyRecipe("fit", "the base", {"lr": 0.1, "steps": 10, "note": ""}, f"{__name__}:_train",
+                      architecture="toy")
+    (tmp_path / "quick.yaml").write_text("recipe: fit\noverrides: {steps: 2.0}\ndataset: synthetic\n")
+    (tmp_path / "slow.yaml").write_text("recipe: fit\ndescription: long\noverrides: {lr: 0.01}\n")
+    recipes = recipes_with_presets([base], tmp_path)
+    assert list(recipes) == ["fit", "quick", "slow"]
+    quick = recipes["quick"]
+    assert quick.defaults == {"lr": 0.1, "steps": 2, "note": ""} and quick.description == "fit (quick.yaml)"
+    assert quick.architecture == "toy" and quick.target == base.target
+    assert recipes["slow"].description == "long" and recipes["slow"].defaults["lr"] == 0.01
+    assert "keep_checkpoints" not in quick.defaults  # the runner adds its own keys
+    quick.run("a context")
+    assert RAN == ["a context"]
+
+    (tmp_path / "typo.yaml").write_text("recipe: fit\noverrides: {stpes: 3}\n")
+    with pytest.raises(ServiceError, match="stpes"):
+        recipes_with_presets([base], tmp_path)
+    (tmp_path / "typo.yaml").write_text("recipe: fitt\n")
+    with pytest.raises(ValueError, match="must name one of fit"):
+        recipes_with_presets([base], tmp_path)
+    (tmp_path / "typo.yaml").unlink()
+    (tmp_path / "fit.yaml").write_text("recipe: fit\n")
+    with pytest.raises(ValueError, match="would replace"):
+        recipes_with_presets([base], tmp_path)

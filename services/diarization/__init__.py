@@ -13,9 +13,9 @@ SERVICE = ServiceEntry(
     name="diarization",
     factory="dramaturg.services.diarization.server:create_service",
     settings="dramaturg.services.diarization.config:DiarizationSettings",
-    recipes="dramaturg.services.diarization.train:RECIPES",
+    recipes="dramaturg.services.diarization.recipes:RECIPES",
     tiny_model="dramaturg.services.diarization.model:default_artifact",
-    demo_config="recipes/cpu-quick.yaml",
+    demo_config="presets/cpu-quick.yaml",
     extra="diarization",
     description="who spoke when (pyannote pipeline)",
 )

@@ -88,7 +88,7 @@ CHECKPOINT_FILE = "pytorch_model.bin"  # pyannote's AssetFileName.Model: what fr
 EMBEDDING_KINDS = ("speaker-store", "pyannote")
 CLUSTERINGS = ("AgglomerativeClustering", "VBxClustering")
 
-# Small enough to train on two CPU cores in minutes. Production (recipes/segmentation-3.0.yaml)
+# Small enough to train on two CPU cores in minutes. Production (presets/segmentation-3.0.yaml)
 # starts from pyannote/segmentation-3.0 instead (PyanNet, sincnet stride 10, 2x128 BiLSTM, 10 s).
 TINY_SEGMENTATION: dict[str, Any] = {
     "sincnet": {"stride": 10},

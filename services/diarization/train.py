@@ -1,16 +1,17 @@
-"""Diarization training recipes for the shared runner (``dramaturg.services.diarization.train:RECIPES``).
+"""Diarization training (the worker runs it; :mod:`dramaturg.services.diarization.recipes` names the recipes).
 
 The two steps of pyannote's fine-tuning guide (seed 000), one run:
 
 1. ``segmentation`` — train (or fine-tune) the segmentation model with pyannote's
    ``SpeakerDiarization`` task and a Lightning ``Trainer``; optimiser menu adam / adamw / radam /
    lookahead-radam / radam-cosine; optional ``freeze_up_to`` / ``unfreeze_at_epoch`` (pyannote's
-   ``Model.freeze_up_to`` / ``unfreeze_up_to``). A Lightning callback bridges to the runner's
-   :class:`RunContext`: per-epoch validation metrics (the guide's table) → ``log_metrics``,
-   ``epochs.csv`` and ``epochs.png`` in the run folder; progress → ``report``; cancel →
-   ``trainer.should_stop``; a checkpoint after every epoch (a loadable pipeline artifact with the
-   initial params, plus Lightning's own checkpoint under ``trainer_state/`` to resume with
-   ``ckpt_path``).
+   ``Model.freeze_up_to`` / ``unfreeze_up_to``). The shared Lightning bridge
+   (:class:`~dramaturg.shared.training.lightning_bridge.LightningBridge`) connects it to the
+   runner: progress, cancel, per-epoch validation metrics, a checkpoint after every epoch (a
+   loadable pipeline artifact with the initial params, plus Lightning's own checkpoint under
+   ``trainer_state/`` to resume with ``ckpt_path``), the lowest chunk-level DER marked best. Its
+   diarization part writes the guide's table (``epochs.csv`` and ``epochs.png`` in the run folder),
+   freezes layers and keeps the run's stage in ``trainer_state/state.json``.
 2. Then the pipeline's hyper-parameters (``segmentation.min_duration_off``, the clustering's
    ``threshold`` / ``method`` / ``min_cluster_size``) are tuned on the development set with
    ``pyannote.pipeline.Optimizer`` (its trials persist in an Optuna journal in the run folder, so a
@@ -18,8 +19,7 @@ The two steps of pyannote's fine-tuning guide (seed 000), one run:
    tuned pipeline is published as ONE model-store artifact (``model.save_artifact``).
 
 ``pipeline`` runs step 2 alone over an existing segmentation (``base_model``: a published
-diarization artifact, or ``pretrained``: a pyannote checkpoint). ``recipes/*.yaml`` add presets
-(``cpu-quick``, ``segmentation-3.0``), each a base recipe with overrides.
+diarization artifact, or ``pretrained``: a pyannote checkpoint).
 
 What pyannote 4's task logs per epoch: ``loss/train``, ``loss/val`` and the validation metrics
 ``DiarizationErrorRate`` with ``/Confusion``, ``/FalseAlarm``, ``/Miss`` (plus ``/Precision``,
@@ -29,8 +29,8 @@ multi-task (segmentation + VAD) loss and its ``/Threshold`` from a threshold swe
 multi-label scores; pyannote 4 trains one powerset loss with hard decisions, so those three
 columns have nothing to report and are not invented here.
 
-torch, lightning and pyannote are imported inside ``run``: the server imports this module to list
-and validate recipes and must stay light.
+torch, lightning and pyannote are imported inside the functions: ``RECIPES`` is still importable
+from here (runs recorded before ``recipes.py`` existed name this module) without them.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from dramaturg.shared.training import RUNNER_KEYS, TRAINER_STATE_DIR, Recipe, RunContext, merge_config
+from dramaturg.services.diarization.recipes import (
+    OPTIMIZERS,
+    RECIPES,  # noqa: F401  (run.json of older runs names train)
+)
+from dramaturg.shared.training import TRAINER_STATE_DIR, RunContext
+from dramaturg.shared.training.selection import Monitor, best_checkpoint
 
 if TYPE_CHECKING:
     import lightning
@@ -60,138 +64,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-OPTIMIZERS = ("adam", "adamw", "radam", "lookahead-radam", "radam-cosine")
 EPOCHS_CSV = "epochs.csv"
 EPOCHS_PNG = "epochs.png"
 TRIALS_CSV = "trials.csv"
 DER_JSON = "der.json"
 JOURNAL = "pipeline-optimization.journal"
 STATE_FILE = "state.json"
-LIGHTNING_CKPT = "lightning.ckpt"
 # The guide's per-epoch table, in its order; pyannote 4 fills the ones it computes (module docstring).
 GUIDE_COLUMNS = ("loss/train", "loss/val/segmentation", "loss/val/vad", "loss/val", "DiarizationErrorRate",
                  "DiarizationErrorRate/Confusion", "DiarizationErrorRate/FalseAlarm",
                  "DiarizationErrorRate/Miss", "DiarizationErrorRate/Threshold")
-MONITOR = "DiarizationErrorRate"  # the task's val_monitor: the best checkpoint is the lowest one
-
-# Keys both recipes understand (step 2). Defaults: the tiny CPU setup; recipes/*.yaml scale up.
-PIPELINE_DEFAULTS: dict[str, Any] = {
-    # --- data
-    "database_yml": "",              # "": DATASET/diarization/database.yml, else DATASET/database.yml
-    "protocol": "Dramaturg.SpeakerDiarization.Synth",
-    # --- models
-    "pretrained": "",                # segmentation to start from: hub id or path; "": from scratch
-    "embedding": {"kind": "speaker-store", "ref": "", "checkpoint": "", "subfolder": "", "min_seconds": 0.1},
-    "embedding_from_base": True,     # pipeline recipe: keep the base artifact's embedding
-    # --- pipeline
-    "clustering": "AgglomerativeClustering",
-    "plda": "",                      # VBxClustering: "embedding" (the speaker model's own) or a folder
-                                     # with xvec_transform.npz + plda.npz
-    "segmentation_step": 0.1,        # window step as a fraction of its duration (pyannote's default)
-    "embedding_exclude_overlap": True,  # as pyannote's 3.1 / community-1 configs: purer embeddings
-    "offset_at_last_frame": True,    # regions end on their last active frame (model.DiarizationPipeline)
-    "initial_params": {},            # merged over model.default_params(clustering): 3.1's / community-1's
-    "freeze_params": {},             # kept fixed while tuning, e.g. {"clustering": {"method": "centroid"}}
-    "optimize_iterations": 40,
-    "optimize_sampler": "TPESampler",
-    "optimize_restarts": 1,          # independent tuning studies (seeds seed, seed+1…); the best on dev wins
-    "checkpoint_every": 10,          # trials between checkpoints of the tuned pipeline
-    "segmentation_batch_size": 32,
-    "embedding_batch_size": 32,
-    "evaluate_start": True,          # also score the starting segmentation on test (der_test_start)
-    # --- system
-    "device": "auto",                # auto | cpu | cuda
-    "num_threads": 0,                # torch CPU threads; 0: torch's default (1 beats 2 on busy shared cores)
-    "seed": 0,
-}
-SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    **PIPELINE_DEFAULTS,
-    "model": {},                     # PyanNet sincnet / lstm / linear dicts (default: TINY_SEGMENTATION)
-    # --- task (pyannote SpeakerDiarization)
-    "duration": 5.0,
-    "max_speakers_per_chunk": 3,
-    "max_speakers_per_frame": 2,
-    "batch_size": 16,
-    "num_workers": 0,
-    # --- optimisation
-    "optimizer": "adam",             # adam | adamw | radam | lookahead-radam | radam-cosine
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "lookahead_k": 5,
-    "lookahead_alpha": 0.5,
-    "epochs": 10,
-    "gradient_clip": 5.0,            # pyannote's own value for manual optimisation; 0 = off
-    "freeze_up_to": "",              # e.g. "lstm": train only the layers after it (fine-tuning)
-    "unfreeze_at_epoch": 0,          # 0: never; N: unfreeze before the N-th epoch (1-based)
-    "validate_first": True,          # epoch 0 row = the starting model (the guide's table)
-}
-
-
-# ========================================================================================== recipes
-
-
-class DiarizationRecipe(Recipe):
-    """A preset of the defaults; ``runner`` is the step function (segmentation + pipeline, or pipeline)."""
-
-    architecture = "pyannote-pipeline"
-
-    def __init__(self, name: str, description: str, runner: Callable[[RunContext], None],
-                 base: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> None:
-        self.name = name
-        self.description = description
-        self.runner = runner
-        merged = merge_config(dict(base), overrides or {}, f"recipe {name}")
-        self.defaults = {k: v for k, v in merged.items() if k not in RUNNER_KEYS}  # the runner adds them
-
-    def run(self, ctx: RunContext) -> None:
-        self.runner(ctx)
-
-
-def _yaml_recipes(base: Mapping[str, DiarizationRecipe]) -> dict[str, DiarizationRecipe]:
-    """``recipes/NAME.yaml`` → recipe NAME: ``recipe`` (a base recipe) with ``overrides`` applied.
-
-    The same files work with ``dramaturg train diarization --config recipes/NAME.yaml`` (which also
-    reads their ``dataset``, ``synth`` and ``output_model``).
-    """
-    found: dict[str, DiarizationRecipe] = {}
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text()) or {}
-        parent = base.get(str(spec.get("recipe", "")))
-        if parent is None:
-            raise ValueError(f"{path}: 'recipe' must name one of {', '.join(sorted(base))}")
-        description = str(spec.get("description") or f"{parent.name} ({path.name})")
-        found[path.stem] = DiarizationRecipe(path.stem, description, parent.runner, parent.defaults,
-                                             spec.get("overrides") or {})
-    return found
-
-
-def load_all_recipes() -> dict[str, DiarizationRecipe]:
-    base = {
-        "segmentation": DiarizationRecipe(
-            "segmentation", "train the segmentation model (pyannote SpeakerDiarization task), then tune the "
-            "pipeline on dev and publish it with its DER", run_segmentation, SEGMENTATION_DEFAULTS),
-        "pipeline": DiarizationRecipe(
-            "pipeline", "tune the pipeline hyper-parameters of an existing segmentation model (base_model or "
-            "pretrained) on dev, publish it with its DER", run_pipeline, PIPELINE_DEFAULTS),
-    }
-    return {**base, **_yaml_recipes(base)}
+# The task's val_monitor: the best checkpoint is the lowest one; on ties the later epoch, which has
+# seen more data.
+MONITOR = Monitor("DiarizationErrorRate", "min", ties_to_newer=True)
+EPOCH_PREFIXES = ("loss/", "DiarizationErrorRate")  # what an epoch's row keeps of the logged values
 
 
 # ============================================================================================ setup
 
 
 def _quiet_libraries() -> None:
-    """Lightning's and pyannote's chatter that says nothing about this run (no logger is configured
-    on purpose: the RunContext writes TensorBoard)."""
-    for pattern in (".*have no logger configured.*", ".*`IterableDataset` has `__len__` defined.*",
-                    ".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
-                    ".*The number of training batches.*", ".*Ignoring unexpected keyword.*",
+    """Lightning's, pyannote's and Optuna's chatter that says nothing about this run."""
+    from dramaturg.shared.training.lightning_bridge import quiet_lightning
+
+    quiet_lightning()
+    for pattern in (".*isinstance\\(treespec, LeafSpec\\).*", ".*Ignoring unexpected keyword.*",
                     ".*suggest_(uniform|loguniform|int).*"):
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
-                 "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _system(cfg: Mapping[str, Any]) -> None:
@@ -306,16 +205,16 @@ def make_trainer(cfg: Mapping[str, Any], root: Path, callbacks: Sequence[Any] = 
     tensors in ``validate()`` and the next ``fit()`` fails updating them; no_grad is what is needed.
     """
     import lightning
+    from dramaturg.shared.training.lightning_bridge import BRIDGE_TRAINER_ARGS
 
     device = device_of(cfg)
     clip = float(cfg.get("gradient_clip", 0.0) or 0.0)
     gpu = device.startswith("cuda")
     kwargs: dict[str, Any] = {
+        **BRIDGE_TRAINER_ARGS,
         "max_epochs": int(cfg.get("epochs", 1)),
         "devices": [int(device[5:])] if gpu and ":" in device else 1,
-        "accelerator": "gpu" if gpu else "cpu",
-        "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "num_sanity_val_steps": 0, "inference_mode": False,
+        "accelerator": "gpu" if gpu else "cpu", "inference_mode": False,
         "default_root_dir": str(root), "callbacks": list(callbacks), "gradient_clip_val": clip or None,
         "log_every_n_steps": 1,
     }
@@ -328,15 +227,9 @@ def make_trainer(cfg: Mapping[str, Any], root: Path, callbacks: Sequence[Any] = 
 
 def epoch_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of Lightning's ``callback_metrics`` (losses and the task's validation metrics)."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if key.startswith(("loss/", "DiarizationErrorRate")) and math.isfinite(number):
-            out[str(key)] = number
-    return out
+    from dramaturg.shared.training.lightning_bridge import scalar_metrics
+
+    return scalar_metrics(metrics, EPOCH_PREFIXES)
 
 
 def write_epoch_table(rows: Sequence[Mapping[str, Any]], folder: Path) -> None:
@@ -432,28 +325,23 @@ def resume_state(ctx: RunContext) -> RunState | None:
 
 
 def _bridge_class() -> type:
-    """The Lightning Callback, defined once lightning is imported (keeps this module light)."""
-    import lightning
+    """The segmentation's bridge, defined once lightning is imported (keeps this module light)."""
+    from dramaturg.shared.training.lightning_bridge import LightningBridge
 
-    class RunContextBridge(lightning.Callback):
-        """Lightning events → RunContext: progress, epoch metrics and table, cancel, freezing, checkpoints."""
+    class SegmentationBridge(LightningBridge):
+        """The shared Lightning bridge, plus the guide's epoch table, layer freezing and the run's state."""
 
         def __init__(self, ctx: RunContext, state: RunState, write_artifact: Callable[[Path, Model], None],
                      extra_steps: int) -> None:
-            self.ctx = ctx
+            best = None if math.isinf(state.best_der) else state.best_der
+            super().__init__(ctx, write_artifact, monitor=MONITOR, metrics=epoch_values,
+                             extra_steps=extra_steps, best=best)
             self.cfg = ctx.config
             self.state = state
-            self.write_artifact = write_artifact
-            self.extra_steps = extra_steps  # pipeline trials after training, for the progress total
-            self.total = 0
 
         # ------------------------------------------------------------------------------ freezing
         def on_fit_start(self, trainer: lightning.Trainer, pl_module: Model) -> None:
             self._apply_freeze(pl_module, trainer.current_epoch + 1)
-
-        def on_train_start(self, trainer: lightning.Trainer, pl_module: Model) -> None:
-            # the train dataloader (hence the number of batches per epoch) exists from here on
-            self.total = int(trainer.max_epochs) * int(trainer.num_training_batches) + self.extra_steps
 
         def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: Model) -> None:
             self._apply_freeze(pl_module, trainer.current_epoch + 1)
@@ -473,52 +361,21 @@ def _bridge_class() -> type:
                 model._dramaturg_frozen = True
                 self.ctx.log(f"frozen up to {module}: {', '.join(frozen)}")
 
-        # ------------------------------------------------------------------------------ progress
-        def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: Model, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            fraction = (batch_idx + 1) / max(1, int(trainer.num_training_batches))
-            self.ctx.report(trainer.global_step, self.total, trainer.current_epoch + fraction)
-            if self.ctx.cancelled():
-                trainer.should_stop = True
-
-        # ------------------------------------------------------------------------------ metrics
-        def on_validation_end(self, trainer: lightning.Trainer, pl_module: Model) -> None:
-            if trainer.state.fn != "validate":
-                return  # during fit the epoch row is written once the training loss is in, below
-            values = epoch_values(trainer.callback_metrics)
-            self._add_row(0, 0, values)
-
-        def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: Model) -> None:
-            if self.ctx.cancelled():
-                return  # a partial epoch: neither a row nor a checkpoint
-            epoch, step = trainer.current_epoch + 1, trainer.global_step
-            values = epoch_values(trainer.callback_metrics)
-            self._add_row(epoch, step, values)
-            # the task's monitor (chunk-level DER); on ties the later epoch, which has seen more data
-            der = values.get(MONITOR, math.inf)
-            is_best = der <= self.state.best_der
-            self.state.best_der = min(self.state.best_der, der)
-            self.state.epoch, self.state.step, self.state.train_steps = epoch, step, step
-
-            def write(folder: Path) -> None:
-                self.write_artifact(folder, pl_module)
-                state_dir = folder / TRAINER_STATE_DIR
-                state_dir.mkdir(parents=True, exist_ok=True)
-                trainer.save_checkpoint(state_dir / LIGHTNING_CKPT, weights_only=False)
-                (state_dir / STATE_FILE).write_text(json.dumps(self.state.to_json(), indent=1))
-
-            self.ctx.save_checkpoint(write, step, float(epoch), values, is_best=is_best)
-
-        def _add_row(self, epoch: int, step: int, values: Mapping[str, float]) -> None:
+        # ------------------------------------------------------------------------ table and state
+        def record_epoch(self, epoch: int, step: int, values: Mapping[str, float]) -> None:
             self.state.rows = [r for r in self.state.rows if r["epoch"] != epoch] + [
                 {"epoch": epoch, "step": step, **values}]
-            self.ctx.log_metrics(step, float(epoch), values)
             write_epoch_table(self.state.rows, self.ctx.run_dir)
-            summary = ", ".join(f"{k} {v:.4f}" for k, v in values.items()
-                                if k in ("loss/train", "loss/val", MONITOR))
-            self.ctx.log(f"epoch {epoch}: {summary}")
+            super().record_epoch(epoch, step, values)
 
-    return RunContextBridge
+        def before_checkpoint(self, epoch: int, step: int, is_best: bool) -> None:
+            self.state.best_der = math.inf if self.best is None else self.best
+            self.state.epoch, self.state.step, self.state.train_steps = epoch, step, step
+
+        def write_state(self, state_dir: Path) -> None:
+            (state_dir / STATE_FILE).write_text(json.dumps(self.state.to_json(), indent=1))
+
+    return SegmentationBridge
 
 
 # ====================================================================================== recipe runs
@@ -559,8 +416,9 @@ def run_segmentation(ctx: RunContext) -> None:
                 return
             trainer.fit(model)
         else:
-            resume_from = state.folder / TRAINER_STATE_DIR / LIGHTNING_CKPT
-            trainer.fit(model, ckpt_path=str(resume_from), weights_only=False)
+            from dramaturg.shared.training.lightning_bridge import lightning_checkpoint
+
+            trainer.fit(model, ckpt_path=str(lightning_checkpoint(state.folder)), weights_only=False)
         if ctx.cancelled():
             ctx.log("segmentation training stopped (cancelled)", "WARNING")
             return
@@ -573,8 +431,7 @@ def run_segmentation(ctx: RunContext) -> None:
         if state.stage == "pipeline" and state.folder is not None:
             source = state.folder
         else:
-            checkpoints = ctx.checkpoints()
-            source = next((c.path for c in reversed(checkpoints) if c.best), checkpoints[-1].path)
+            source = best_checkpoint(ctx.checkpoints()).path
         ctx.log(f"pipeline: segmentation from checkpoint {source.name}")
         from dramaturg.services.diarization.model import SEGMENTATION_DIR
 
@@ -881,6 +738,3 @@ def _write_trials(history: Sequence[Mapping[str, Any]], path: Path) -> None:
         for row in history:
             writer.writerow([row.get("study", 0), row["trial"], f"{row['der']:.5f}",
                              *[row.get(k, "") for k in keys]])
-
-
-RECIPES: dict[str, DiarizationRecipe] = load_all_recipes()

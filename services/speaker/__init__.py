@@ -13,9 +13,9 @@ SERVICE = ServiceEntry(
     name="speaker",
     factory="dramaturg.services.speaker.server:create_service",
     settings="dramaturg.services.speaker.config:SpeakerSettings",
-    recipes="dramaturg.services.speaker.train:RECIPES",
+    recipes="dramaturg.services.speaker.recipes:RECIPES",
     tiny_model="dramaturg.services.speaker.model:write_tiny_model",
-    demo_config="recipes/cpu-quick.yaml",
+    demo_config="presets/cpu-quick.yaml",
     extra="speaker",
     description="speaker embeddings, verification, enrolled voices",
 )

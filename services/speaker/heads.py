@@ -1,11 +1,12 @@
-"""Training heads: what turns speaker embeddings into a loss (seed 001's four objectives).
+"""Training heads: what turns speaker embeddings into a loss — the four objectives of "Fine-tuning
+wav2vec2 for speaker recognition" (Vaessen & van Leeuwen, ICASSP 2022).
 
 * ``ce`` — a linear layer over the training speakers and cross-entropy.
 * ``aam`` — speechbrain's cosine classifier and ``LogSoftmaxWrapper(AdditiveAngularMargin(m, s))``
-  (m = 0.2, s = 30 in the seed), with an optional linear margin warm-up.
+  (m = 0.2, s = 30 in that paper), with an optional linear margin warm-up.
 * ``bce`` — pairs of utterances: their cosine, a learnable affine map, ``BCEWithLogitsLoss``.
 * ``ctc`` — wav2vec2 frames → speaker-token posteriors (blank = 0), ``torch.nn.CTCLoss`` with a
-  single-token target per utterance, as in the seed.
+  single-token target per utterance, as in that paper.
 
 Heads live only in training: the published model is the encoder alone, so serving never carries
 a classifier over speakers it will not see again.

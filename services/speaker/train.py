@@ -1,23 +1,16 @@
-"""Speaker training recipes for the shared training runner (``dramaturg.services.speaker.train:RECIPES``).
+"""Speaker training (the worker runs it; :mod:`dramaturg.services.speaker.recipes` names the recipes).
 
-Recipes (seed 001): ``wav2vec2-ce``, ``wav2vec2-aam``, ``wav2vec2-bce``, ``wav2vec2-ctc``,
-``xvector-aam``, ``ecapa-aam``; ``lr-find`` (exponential LR range test) and ``lr-grid`` (short runs
-over a list of learning rates); plus one recipe per ``recipes/*.yaml`` file (``cpu-quick``,
-``wav2vec2-base-aam``, ``ecapa-voxceleb``), each a base recipe with overrides. Every key of a
-recipe's ``defaults`` can be overridden per run, ``head`` included, so any architecture × head
-combination that makes sense (ctc reads wav2vec2 frames) can be asked for.
+The loop is the transformers ``Trainer`` with our optimizer and scheduler (``optimizers=``), bridged
+to the runner by the shared :class:`~dramaturg.shared.training.hf_bridge.RunContextCallback`:
+progress, loss and learning rate, cancel, EER/minDCF on the held-out trials every ``eval_every``
+steps and at the end, a checkpoint after each evaluation (``save_pretrained`` of the encoder, what
+the service loads, plus the Trainer's own checkpoint under ``trainer_state/`` for resuming after a
+crash), and the lowest EER marked best. The speaker's own part of the bridge is the AAM margin
+warm-up and the cosine EER threshold written into the encoder's config as the service's decision
+threshold. The best checkpoint is published to the model store with its metrics and a PLDA.
 
-The loop is the transformers ``Trainer`` with our optimizer and scheduler (``optimizers=``). A
-``TrainerCallback`` bridges it to the runner's :class:`RunContext`: progress, loss and learning rate
-(TensorBoard is written by the context), cancel → ``should_training_stop``, EER/minDCF on the
-held-out trials every ``eval_every`` steps and at the end, and a checkpoint after each evaluation:
-``save_pretrained`` of the encoder (what the service loads) plus the Trainer's own checkpoint
-(optimizer, scheduler, RNG, head) under ``trainer_state/`` for resuming after a crash. The
-checkpoint with the lowest EER is published to the model store with its metrics; its config
-carries the cosine EER threshold as the service's decision threshold.
-
-torch, transformers and speechbrain are imported inside ``run``: the server imports this module to
-list and validate recipes and must stay light.
+torch, transformers and speechbrain are imported inside the functions: ``RECIPES`` is still
+importable from here (runs recorded before ``recipes.py`` existed name this module) without them.
 """
 
 from __future__ import annotations
@@ -32,8 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from dramaturg.shared.training import RUNNER_KEYS, TRAINER_STATE_DIR, Recipe, RunContext, merge_config
+from dramaturg.services.speaker.recipes import (
+    MODES,
+    OPTIMIZERS,
+    RECIPES,  # noqa: F401  (run.json of older runs names train)
+    SCHEDULES,
+)
+from dramaturg.shared.training import RunContext
+from dramaturg.shared.training.selection import Monitor, best_checkpoint, publish_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -46,174 +45,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-SCHEDULES = ("constant", "one_cycle", "tri_stage", "exp_decay")
-OPTIMIZERS = ("adam", "adamw")
-MODES = ("train", "lr_find")
-
-# Every speaker recipe understands these keys; the recipes below only change some defaults. The
-# defaults are the tiny from-scratch models that train on a CPU in seconds (tests, the embedded
-# stack); recipes/*.yaml name the production checkpoints and sizes.
-COMMON_DEFAULTS: dict[str, Any] = {
-    "mode": "train",  # "train" | "lr_find"
-    # --- model
-    "architecture": "wav2vec2",  # wav2vec2 | xvector | ecapa
-    "pretrained": "",  # wav2vec2: Wav2Vec2Model hub id / path; lobes: speechbrain source
-    "model": {},  # more SpeakerEncoderConfig fields (backbone, lobe, n_mels, …)
-    "embedding_dim": -1,  # -1: the architecture's default (wav2vec2: the pooled vector)
-    "pooling": "",  # "": the architecture's default (wav2vec2: mean+std)
-    # --- head
-    "head": "aam",  # ce | aam | bce | ctc
-    "margin": 0.2,
-    "scale": 30.0,
-    "margin_warmup_steps": 0,  # linear AAM margin warm-up from 0 (0 = full margin from the start)
-    # --- optimisation
-    "optimizer": "adam",  # adam | adamw
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "schedule": "one_cycle",  # constant | one_cycle | tri_stage | exp_decay
-    "div_factor": 25.0,  # one_cycle: start at lr / div_factor
-    "warmup_ratio": 0.1,  # tri_stage
-    "hold_ratio": 0.4,  # tri_stage (the rest decays exponentially)
-    "initial_lr": 5e-6,  # tri_stage warm-up start
-    "final_lr": 5e-6,  # tri_stage / exp_decay end
-    "max_steps": 60,  # > 0 wins over epochs
-    "epochs": 0,
-    "batch_size": 8,
-    "max_grad_norm": 5.0,
-    "crop_seconds": 1.0,
-    "min_crop_seconds": None,  # set: each crop's length is drawn in [min_crop_seconds, crop_seconds]
-    # --- augmentation
-    "speed_perturb": False,
-    "channel_prob": 0.0,  # random band limits + EQ (another microphone)
-    "noise_prob": 0.0,
-    "reverb_prob": 0.0,
-    # --- ablations (wav2vec2); null keeps the backbone config's value
-    "freeze_feature_encoder": True,
-    "reset_weights": False,
-    "layerdrop": None,
-    "hidden_dropout": None,
-    "attention_dropout": None,
-    "activation_dropout": None,
-    "feat_proj_dropout": None,
-    "mask_time_prob": None,
-    # --- evaluation
-    "eval_every": 20,
-    "eval_at_start": True,  # score the untrained model first (step 0)
-    "asnorm": False,
-    "asnorm_top_k": 100,
-    "eval_max_seconds": 30.0,
-    # --- PLDA for diarization (VBx clustering): fitted on the training speakers at publish time
-    "plda": True,
-    "plda_dimension": 64,
-    "plda_utterances_per_speaker": 20,  # whole utterances per speaker (+3 short crops of each)
-    # --- lr_find
-    "lr_find_min": 1e-7,
-    "lr_find_max": 1.0,
-    "lr_find_steps": 100,
-    # --- system
-    "log_every": 5,
-    "num_workers": 0,
-    "device": "auto",  # auto | cpu | cuda
-    "torch_threads": 0,  # CPU threads for torch (0: torch's default, one per core)
-    "seed": 0,
-}
-GRID_DEFAULTS: dict[str, Any] = {"lrs": [1e-4, 5e-4, 1e-3, 5e-3], "grid_steps": 30}
+EER = Monitor("eer", "min")  # the best checkpoint: the lowest held-out EER
 
 
-# ============================================================================================ recipes
-
-
-class SpeakerRecipe(Recipe):
-    """One preset of :data:`COMMON_DEFAULTS`; ``mode`` picks training or an LR range test."""
-
-    architecture = ""  # the runner records config["architecture"]: recipes may switch it
-
-    def __init__(
-        self,
-        name: str,
-        description: str,
-        overrides: Mapping[str, Any] | None = None,
-        base: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.name = name
-        self.description = description
-        merged = merge_config(dict(base or COMMON_DEFAULTS), overrides or {}, f"recipe {name}")
-        self.defaults = {k: v for k, v in merged.items() if k not in RUNNER_KEYS}  # the runner adds them
-
-    def run(self, ctx: RunContext) -> None:
-        if ctx.config["mode"] == "lr_find":
-            run_lr_find(ctx)
-        elif ctx.config["mode"] == "train":
-            run_training(ctx)
-        else:
-            raise ValueError(f"mode {ctx.config['mode']!r}: expected one of {', '.join(MODES)}")
-
-
-class LrGridRecipe(SpeakerRecipe):
-    """Short trainings over ``lrs`` (seed 001's grid searches); CSV and markdown tables in the run folder."""
-
-    def run(self, ctx: RunContext) -> None:
-        run_lr_grid(ctx)
-
-
-def _yaml_recipes(base: Mapping[str, SpeakerRecipe]) -> dict[str, SpeakerRecipe]:
-    """``recipes/NAME.yaml`` → recipe NAME: ``recipe`` (a base recipe) with ``overrides`` applied.
-
-    The same files work with ``dramaturg train speaker --config recipes/NAME.yaml --dataset DIR``.
-    """
-    found: dict[str, SpeakerRecipe] = {}
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text()) or {}
-        parent = base.get(str(spec.get("recipe", "")))
-        if parent is None:
-            raise ValueError(f"{path}: 'recipe' must name one of {', '.join(sorted(base))}")
-        kind = LrGridRecipe if isinstance(parent, LrGridRecipe) else SpeakerRecipe
-        found[path.stem] = kind(
-            path.stem,
-            str(spec.get("description") or f"{parent.name} as in {path.name}"),
-            spec.get("overrides") or {},
-            base=parent.defaults,
-        )
-    return found
-
-
-def _base_recipes() -> dict[str, SpeakerRecipe]:
-    w2v2 = "tiny from-scratch wav2vec2 (recipes/wav2vec2-base-aam.yaml: facebook/wav2vec2-base)"
-    recipes = [
-        SpeakerRecipe("wav2vec2-ce", f"{w2v2} + softmax cross-entropy", {"head": "ce"}),
-        SpeakerRecipe("wav2vec2-aam", f"{w2v2} + AAM softmax (m=0.2, s=30)", {"head": "aam"}),
-        SpeakerRecipe("wav2vec2-bce", f"{w2v2} + pairwise BCE on cosine", {"head": "bce"}),
-        SpeakerRecipe("wav2vec2-ctc", f"{w2v2} + frame-level CTC over speaker tokens", {"head": "ctc"}),
-        SpeakerRecipe(
-            "xvector-aam",
-            "speechbrain x-vector on fbank + AAM softmax",
-            {"architecture": "xvector", "head": "aam"},
-        ),
-        SpeakerRecipe(
-            "ecapa-aam",
-            "speechbrain ECAPA-TDNN on fbank + AAM softmax "
-            "(recipes/ecapa-voxceleb.yaml: speechbrain/spkrec-ecapa-voxceleb)",
-            {"architecture": "ecapa", "head": "aam"},
-        ),
-        SpeakerRecipe(
-            "lr-find",
-            "LR range test: exponential LR sweep, smoothed loss, steepest descent",
-            {"mode": "lr_find"},
-        ),
-        LrGridRecipe(
-            "lr-grid",
-            "short trainings over a list of learning rates (lrs), EER table",
-            dict(GRID_DEFAULTS),
-            base={**COMMON_DEFAULTS, **GRID_DEFAULTS},
-        ),
-    ]
-    return {r.name: r for r in recipes}
-
-
-def load_all_recipes() -> dict[str, SpeakerRecipe]:
-    base = _base_recipes()
-    return {**base, **_yaml_recipes(base)}
+def run_recipe(ctx: RunContext) -> None:
+    """Every speaker recipe but ``lr-grid``: ``mode`` picks training or an LR range test."""
+    if ctx.config["mode"] == "lr_find":
+        run_lr_find(ctx)
+    elif ctx.config["mode"] == "train":
+        run_training(ctx)
+    else:
+        raise ValueError(f"mode {ctx.config['mode']!r}: expected one of {', '.join(MODES)}")
 
 
 # ===================================================================================== the pieces
@@ -410,18 +252,14 @@ def total_steps_for(cfg: Mapping[str, Any], dataset_len: int) -> tuple[int, int]
 def training_arguments(
     cfg: Mapping[str, Any], output_dir: Path, batch_size: int, max_steps: int, log_every: int | None = None
 ) -> Any:
+    from dramaturg.shared.training.hf_bridge import BRIDGE_ARGUMENTS
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
         max_steps=max_steps,
-        logging_strategy="steps",
         logging_steps=max(1, int(cfg["log_every"] if log_every is None else log_every)),
-        save_strategy="no",
-        eval_strategy="no",  # the callback decides when to evaluate and save
-        report_to="none",
-        disable_tqdm=True,
         seed=int(cfg["seed"]),
         data_seed=int(cfg["seed"]),
         dataloader_num_workers=int(cfg["num_workers"]),
@@ -430,14 +268,15 @@ def training_arguments(
         ignore_data_skip=True,  # crops are random anyway: on resume, skipping batches would only decode audio
         remove_unused_columns=False,
         use_cpu=cfg["device"] == "cpu",
+        **BRIDGE_ARGUMENTS,  # the bridge decides when to evaluate and save
     )
 
 
 def make_trainer(
     setup: Setup, args: Any, optimizer: Any, scheduler: Any, callbacks: list[TrainerCallback]
 ) -> Any:
+    from dramaturg.shared.training.hf_bridge import attach
     from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback
 
     trainer = Trainer(
         model=setup.model,
@@ -447,8 +286,7 @@ def make_trainer(
         optimizers=(optimizer, scheduler),
         callbacks=callbacks,
     )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the bridge logs them
-    return trainer
+    return attach(trainer)
 
 
 def evaluate_setup(setup: Setup) -> tuple[dict[str, float], VerificationResult | None, str]:
@@ -477,14 +315,15 @@ def evaluate_setup(setup: Setup) -> tuple[dict[str, float], VerificationResult |
 
 
 def _bridge_class() -> type:
-    """The TrainerCallback subclass, defined once transformers is imported (keeps this module light)."""
+    """The speaker's bridge, defined once transformers is imported (keeps this module light)."""
     from dramaturg.services.speaker.heads import AAMSoftmaxHead
-    from transformers import TrainerCallback
+    from dramaturg.shared.training.hf_bridge import RunContextCallback
 
-    class RunContextBridge(TrainerCallback):
-        """Trainer events → RunContext: progress, metrics, cancel, evaluation and checkpoints.
+    class SpeakerBridge(RunContextCallback):
+        """The shared Trainer bridge, scoring EER on the held-out trials; the checkpoint is the encoder
+        with its EER threshold in its config (and ``eval.json``: which back-end scored it).
 
-        ``checkpoints=False`` (LR grid, LR find) evaluates at the end only and saves nothing.
+        ``checkpoints=False`` (LR grid) evaluates at the end only and saves nothing.
         ``step_offset`` shifts reported steps so several short trainings share one run's axis.
         """
 
@@ -496,20 +335,23 @@ def _bridge_class() -> type:
             checkpoints: bool = True,
             step_offset: int = 0,
             total_override: int | None = None,
-            best_eer: float = math.inf,
+            best_eer: float | None = None,
         ) -> None:
-            self.ctx = ctx
-            self.setup = setup
-            self.checkpoints = checkpoints
-            self.step_offset = step_offset
-            self.total_override = total_override
-            self.best_eer = best_eer
-            self.pending: dict[str, float] = {}
-            self.backend = ""
-            self.last_loss = math.nan
-            self.last_eval: dict[str, float] = {}
             cfg = setup.config
-            self.eval_every = max(1, int(cfg["eval_every"]))
+            super().__init__(
+                ctx,
+                monitor=EER,
+                evaluate=self._score,
+                eval_every=max(1, int(cfg["eval_every"])),
+                write_artifact=self._write,
+                checkpoints=checkpoints,
+                step_offset=step_offset,
+                total_steps=total_override,
+                best=best_eer,
+            )
+            self.setup = setup
+            self.backend = ""
+            self.described = ""
             self.margin = float(cfg["margin"])
             self.margin_warmup = int(cfg["margin_warmup_steps"])
 
@@ -518,68 +360,29 @@ def _bridge_class() -> type:
             if self.margin_warmup > 0 and isinstance(head, AAMSoftmaxHead):
                 head.set_margin(self.margin * min(1.0, state.global_step / self.margin_warmup))
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            step = state.global_step
-            total = self.total_override or state.max_steps
-            self.ctx.report(self.step_offset + step, total, state.epoch)
-            if self.ctx.cancelled():
-                control.should_training_stop = True
-                return
-            last = step >= state.max_steps
-            if last or (self.checkpoints and step % self.eval_every == 0):
-                self.pending = self.evaluate(step, state.epoch)
-                control.should_save = self.checkpoints
-
-        def evaluate(self, step: int, epoch: float) -> dict[str, float]:
+        def _score(self, step: int, epoch: float) -> dict[str, float]:
             metrics, primary, backend = evaluate_setup(self.setup)
             if primary is not None:
-                self.backend = backend
-                self.ctx.log_metrics(self.step_offset + step, epoch, metrics)
-                self.ctx.log(f"step {step}: {primary.describe()}")
-            self.last_eval = metrics
+                self.backend, self.described = backend, primary.describe()
             return metrics
 
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
-        ) -> None:
-            logs = logs or {}
-            names = {"loss": "loss/train", "learning_rate": "lr", "grad_norm": "grad_norm"}
-            values = {tag: float(logs[key]) for key, tag in names.items() if key in logs}
-            if "loss" in logs:
-                self.last_loss = float(logs["loss"])
-            if values:
-                self.ctx.log_metrics(self.step_offset + state.global_step, state.epoch or 0.0, values)
+        def summary(self, step: int, metrics: Mapping[str, float]) -> str:
+            return f"step {step}: {self.described}"
 
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not self.checkpoints:
-                return
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            step = state.global_step
-            trainer_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            metrics = dict(self.pending)
-            self.pending = {}
-            eer = metrics.get("eer", math.inf)
-            is_best = eer < self.best_eer or (not math.isfinite(self.best_eer) and not metrics)
+        def _write(self, folder: Path, metrics: Mapping[str, float]) -> None:
             encoder = self.setup.encoder
             if "threshold" in metrics:
                 encoder.config.threshold = float(metrics["threshold"])
+            encoder.save_pretrained(str(folder))
+            (folder / "eval.json").write_text(json.dumps({"backend": self.backend, "metrics": dict(metrics)}))
 
-            def write(folder: Path) -> None:
-                encoder.save_pretrained(str(folder))
-                shutil.copytree(trainer_dir, folder / TRAINER_STATE_DIR)
-                (folder / "eval.json").write_text(json.dumps({"backend": self.backend, "metrics": metrics}))
-
-            self.ctx.save_checkpoint(write, step, float(state.epoch or 0.0), metrics, is_best)
-            if is_best and math.isfinite(eer):
-                self.best_eer = eer
-            shutil.rmtree(trainer_dir, ignore_errors=True)
-
-    return RunContextBridge
+    return SpeakerBridge
 
 
 def run_training(ctx: RunContext) -> None:
     """Train, evaluate, checkpoint, resume after a crash, publish the best checkpoint."""
+    from dramaturg.shared.training.hf_bridge import resume_path
+
     cfg = ctx.config
     latest = ctx.latest_checkpoint()
     resume_dir = latest[0] if latest is not None else None
@@ -590,8 +393,7 @@ def run_training(ctx: RunContext) -> None:
     setup.model.to(args.device)
     optimizer = build_optimizer(setup.model, cfg)
     scheduler = build_scheduler(optimizer, cfg, max_steps)
-    best = min((c.metrics.get("eer", math.inf) for c in ctx.checkpoints()), default=math.inf)
-    bridge = _bridge_class()(ctx, setup, best_eer=best)
+    bridge = _bridge_class()(ctx, setup, best_eer=EER.best_of(ctx.checkpoints()))
     trainer = make_trainer(setup, args, optimizer, scheduler, [bridge])
     arch = setup.encoder.config.architecture
     ctx.log(
@@ -599,11 +401,11 @@ def run_training(ctx: RunContext) -> None:
         f"{cfg['head']} head over {setup.num_speakers} training speakers, {len(setup.dataset)} items, "
         f"{max_steps} steps of {batch_size} on {args.device}"
     )
-    if resume_dir is not None:
-        ctx.log(f"resuming from {resume_dir.name} (step {latest[1]})")
+    if latest is not None:
+        ctx.log(f"resuming from {latest[0].name} (step {latest[1]})")
     elif cfg["eval_at_start"]:
-        bridge.evaluate(0, 0.0)
-    trainer.train(resume_from_checkpoint=str(resume_dir / TRAINER_STATE_DIR) if resume_dir else None)
+        bridge.evaluate(0, 0.0)  # before train() seeds the Trainer: scoring does not shift its RNG
+    trainer.train(resume_from_checkpoint=resume_path(resume_dir))
     shutil.rmtree(scratch, ignore_errors=True)
     if ctx.cancelled():
         ctx.log("stopped before the end; nothing published", "WARNING")
@@ -612,21 +414,16 @@ def run_training(ctx: RunContext) -> None:
 
 
 def publish_best(ctx: RunContext, architecture: str) -> None:
-    """Publish the checkpoint with the lowest EER (the newest when nothing was evaluated)."""
-    checkpoints = ctx.checkpoints()
-    if not checkpoints:
-        raise RuntimeError("training finished without a checkpoint to publish")
-    chosen = next((c for c in reversed(checkpoints) if c.best), checkpoints[-1])
+    """Publish the checkpoint with the lowest EER (the newest when nothing was evaluated), with a PLDA."""
+    chosen = best_checkpoint(ctx.checkpoints())
     backend = ""
     eval_file = chosen.path / "eval.json"
     if eval_file.exists():
         backend = json.loads(eval_file.read_text()).get("backend", "")
     if ctx.config.get("plda", True):
         fit_plda(ctx, chosen.path)
-    labels = {"checkpoint_id": chosen.checkpoint_id, "step": str(chosen.step)}
-    if backend:
-        labels["eer_backend"] = backend
-    record = ctx.publish(chosen.path, chosen.metrics, architecture=architecture, labels=labels)
+    labels = {"eer_backend": backend} if backend else {}
+    record = publish_checkpoint(ctx, chosen, architecture=architecture, labels=labels)
     if "eer" in chosen.metrics:
         ctx.log(
             f"published {record.ref}: step {chosen.step}, "
@@ -872,6 +669,3 @@ def write_grid_tables(run_dir: Path, rows: Sequence[Mapping[str, str]]) -> None:
             f"{100 * eer:.2f} | {r['min_dcf']} | {r['eer_backend'] or '-'} |"
         )
     (run_dir / "lr_grid.md").write_text("\n".join(lines) + "\n")
-
-
-RECIPES: dict[str, Recipe] = dict(load_all_recipes())

@@ -1,10 +1,11 @@
 """The contract between the shared training runner and a service's training code.
 
 A service implements :class:`Recipe` (a name, a description, the default config, and ``run``) and
-exposes its recipes at an import path such as ``"dramaturg.services.speaker.train:RECIPES"`` (a dict
-name → Recipe, a list of recipes, or a function returning either). The runner imports that path in
-the server, to validate requests, and again in the worker subprocess, to run them: a recipe never
-runs in the server process, so a crash or an OOM in training cannot take the server down.
+exposes its recipes at an import path such as ``"dramaturg.services.speaker.recipes:RECIPES"`` (a dict
+name → Recipe, a list of recipes, or a function returning either; see ``presets.LazyRecipe``). The
+runner imports that path in the server, to validate requests, and again in the worker subprocess, to
+run them: a recipe never runs in the server process, so a crash or an OOM in training cannot take the
+server down.
 
 ``run`` receives a :class:`RunContext`: everything a training loop needs to report progress, log
 metrics (TensorBoard and the event stream), write atomic checkpoints, resume after a crash, honour

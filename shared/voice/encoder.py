@@ -2,8 +2,8 @@
 
 * ``wav2vec2`` — a :class:`~transformers.Wav2Vec2Model` (tiny and from scratch, or a pretrained
   checkpoint such as ``facebook/wav2vec2-base``) followed by a pooling over frames, as in
-  "Fine-tuning wav2vec2 for speaker recognition" (seed 001): mean, mean+std, attentive, quantile,
-  first, last, middle, random, max and first+cls.
+  "Fine-tuning wav2vec2 for speaker recognition" (Vaessen & van Leeuwen, ICASSP 2022): mean, mean+std,
+  attentive, quantile, first, last, middle, random, max and first+cls.
 * ``xvector`` / ``ecapa`` — speechbrain's ``Xvector`` and ``ECAPA_TDNN`` lobes on speechbrain's
   ``Fbank`` with per-utterance mean (and optionally variance) normalisation.
 
@@ -69,11 +69,11 @@ POOLINGS = (
 )
 # The lobes pool inside speechbrain's code; the config records which pooling that is.
 LOBE_POOLING = {"xvector": "mean+std", "ecapa": "attentive"}
-QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the seed's quantile pooling: min, quartiles, max
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # that paper's quantile pooling: min, quartiles, max
 HOP_MS = 10.0  # speechbrain Fbank's default hop: frames = 1 + samples // hop
 
-# Small enough to train on two CPU cores in minutes; the production configs (recipes/*.yaml) name
-# real checkpoints and full sizes instead.
+# Small enough to train on two CPU cores in minutes; the production configs
+# (services/speaker/presets/*.yaml) name real checkpoints and full sizes instead.
 TINY_WAV2VEC2: dict[str, Any] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -111,7 +111,7 @@ TINY_LOBES: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_EMBEDDING_DIM = {"wav2vec2": 0, "xvector": 128, "ecapa": 128}
-# Regularisation switches of the seed's ablations, applied onto the wav2vec2 backbone config.
+# Regularisation switches of that paper's ablations, applied onto the wav2vec2 backbone config.
 BACKBONE_SWITCHES = (
     "layerdrop",
     "hidden_dropout",
@@ -134,7 +134,7 @@ class SpeakerEncoderConfig(PretrainedConfig):
 
     * ``architecture``: ``"wav2vec2"``, ``"xvector"`` or ``"ecapa"``.
     * ``embedding_dim``: output size. wav2vec2: a linear projection of the pooled vector, 0 = the
-      pooled vector itself (the seed's setup); lobes: speechbrain's ``lin_neurons``.
+      pooled vector itself (that paper's setup); lobes: speechbrain's ``lin_neurons``.
     * ``pooling``: one of :data:`POOLINGS` for wav2vec2; the lobes pool their own way (recorded).
     * ``backbone``: a ``Wav2Vec2Config`` dict; ``pretrained_backbone``: where :func:`build_encoder`
       takes weights from (hub id or local path); ``freeze_feature_encoder`` keeps the CNN fixed.
@@ -524,7 +524,7 @@ def build_encoder(
 
     * ``pretrained_backbone`` (wav2vec2): ``Wav2Vec2Model.from_pretrained`` — its config becomes
       ``config.backbone`` (the ablation switches still apply) and its weights are copied in, unless
-      ``reset_weights`` (the seed's "no pretrained weights" ablation: same architecture, fresh init).
+      ``reset_weights`` (that paper's "no pretrained weights" ablation: same architecture, fresh init).
     * ``pretrained_lobe`` (ecapa/xvector): speechbrain's ``EncoderClassifier.from_hparams`` (for
       example ``speechbrain/spkrec-ecapa-voxceleb``); its ``embedding_model`` weights are loaded into
       the lobe, whose config (``n_mels``, ``lobe``, ``embedding_dim``) must match the checkpoint's.
