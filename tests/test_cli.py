@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tone_wav
+from dramaturg.shared import registry
 from dramaturg.shared.cli.main import main
 from dramaturg.shared.cli.stack import Stack, stack_file
-from dramaturg.shared import registry
 
 CLI = [sys.executable, "-m", "dramaturg.shared.cli.main"]
 
@@ -82,3 +82,59 @@ def test_demo_scores_the_job_rttm_against_the_generated_reference(tmp_path: Path
         {"der": 0.5, "confusion": 0.5, "false_alarm": 0.0, "miss": 0.0})
     short = "SPEAKER s 1 0.000 3.000 <NA> <NA> A <NA> <NA>\nSPEAKER s 1 3.000 0.0 <NA> <NA> B <NA> <NA>\n"
     assert score_rttm(short, reference, uem)["miss"] == pytest.approx(0.25)
+
+
+def test_training_progress_is_one_bar_per_run_with_its_phase() -> None:
+    """`dramaturg train` / a first `make demo`: one bar whose description says the phase, no line per
+    checkpoint, epoch or trial (they stay in events.jsonl), but every WARNING and ERROR printed."""
+    import io
+
+    from dramaturg.shared.training.runner import _render
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    out = io.StringIO()
+    # a diarization-like run: 4 epochs of 10 batches, then 10 tuning trials on the same step axis
+    events = [
+        {"type": "state", "state": "RUNNING"},
+        {"type": "log", "level": "INFO", "message": "tuning starts after 4 epochs"},
+        {"type": "progress", "step": 5, "total_steps": 50, "epoch": 0.5},
+        {"type": "metrics", "step": 10, "epoch": 1.0,
+         "values": {"loss/train": 0.7, "DiarizationErrorRate": 0.5}},
+        {"type": "log", "level": "INFO", "message": "epoch 1: loss/train 0.7000"},
+        {"type": "checkpoint", "checkpoint": {"checkpoint_id": "step-00000010", "step": 10, "best": True}},
+        {"type": "progress", "step": 23, "total_steps": 50, "epoch": 2.3},
+    ]
+    with Progress(TextColumn("{task.description}"), console=Console(file=out, width=120)) as progress:
+        task = progress.add_task("diarization demo", total=None, metrics="", label="diarization",
+                                 config={"epochs": 4})
+        assert not any(_render(progress, task, "demo", event) for event in events)
+        (shown,) = progress.tasks
+        assert shown.description == "diarization training epoch 3/4"
+        assert (shown.completed, shown.total) == (23, 40)
+        assert "val DER 50.0%" in shown.fields["metrics"]
+        for event in [
+            {"type": "progress", "step": 43, "total_steps": 50, "epoch": 4.0},
+            {"type": "metrics", "step": 43, "epoch": 4.0,
+             "values": {"pipeline/der_dev_trial": 0.2, "pipeline/der_dev_best": 0.15}},
+            {"type": "checkpoint", "checkpoint": {"checkpoint_id": "step-00000043", "step": 43}},
+            {"type": "log", "level": "WARNING", "message": "pipeline tuning stopped"},
+        ]:
+            _render(progress, task, "demo", event)
+        (shown,) = progress.tasks
+        # a new phase restarts the bar, so the ETA is measured on the tuning's pace
+        assert shown.description == "diarization tuning trial 3/10"
+        assert (shown.completed, shown.total) == (3, 10)
+        assert shown.fields["metrics"].startswith("best dev DER 15.0%")
+        assert _render(progress, task, "demo", {"type": "state", "state": "SUCCEEDED"}) is True
+    printed = out.getvalue()
+    assert "tuning starts after 4 epochs" in printed and "[WARNING] pipeline tuning stopped" in printed
+    assert "checkpoint" not in printed and "epoch 1:" not in printed and "state" not in printed
+
+
+def test_train_prints_the_published_models_headline() -> None:
+    from dramaturg.shared.cli.train import outcome
+
+    assert outcome({"eer": 0.0412, "min_dcf": 0.31, "threshold": 0.4}) == "held-out EER 4.1 %, minDCF 0.310"
+    assert outcome({"der_dev_after": 0.12, "der_test": 0.135}) == "dev DER 12.0 %, test DER 13.5 %"
+    assert outcome({"loss/train": 1.0}) == ""
