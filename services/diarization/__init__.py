@@ -15,7 +15,7 @@ SERVICE = ServiceEntry(
     settings="dramaturg.services.diarization.config:DiarizationSettings",
     recipes="dramaturg.services.diarization.recipes:RECIPES",
     tiny_model="dramaturg.services.diarization.model:default_artifact",
-    demo_config="presets/cpu-quick.yaml",
+    demo_config="presets/demo.yaml",
     extra="diarization",
     description="who spoke when (pyannote pipeline)",
 )

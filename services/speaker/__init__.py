@@ -15,7 +15,7 @@ SERVICE = ServiceEntry(
     settings="dramaturg.services.speaker.config:SpeakerSettings",
     recipes="dramaturg.services.speaker.recipes:RECIPES",
     tiny_model="dramaturg.services.speaker.model:write_tiny_model",
-    demo_config="presets/cpu-quick.yaml",
+    demo_config="presets/demo.yaml",
     extra="speaker",
     description="speaker embeddings, verification, enrolled voices",
 )

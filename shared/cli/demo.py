@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.shared.cli.jobs import audio_input, stage_table, watch_job
 from dramaturg.shared.config import dramaturg_home
@@ -42,7 +44,9 @@ def demo_corpus(home: Path) -> Path:
             lines_per_scene=8,
             utterances_per_speaker=3,
         )
+        started = time.monotonic()
         synthesize_corpus(out, config)
+        console.print(f"     corpus ready after {minutes(time.monotonic() - started)}")
     else:
         console.print(f"[bold]1/4[/] using the synthetic corpus in {out}")
     return out
@@ -78,25 +82,72 @@ def script_lines(corpus: Path, uri: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def ensure_model(home: Path, service: str) -> None:
-    """A stage needs a trained model: train the service's CPU recipe once if the store has none.
+# The services the demo's job needs, in training order: the diarization recipe's pipeline embeds
+# with the speaker service's default model (one voice model for the platform), so speaker first.
+DEMO_SERVICES: tuple[str, ...] = ("speaker", "diarization")
 
-    The speaker model comes first: the diarization recipe's pipeline embeds with the speaker
-    service's default model (one voice model for the platform).
-    """
+
+def demo_preset(service: str) -> Path | None:
+    """The train config ``make demo`` runs for ``service`` (its ``demo_config``), None if it has none."""
     from dramaturg.shared import registry
+
+    entry = registry.get(service)
+    return entry.resource(entry.demo_config) if entry.demo_config else None
+
+
+def training_plan(home: Path) -> list[tuple[str, Path]]:
+    """(service, demo preset) of each service the demo must train first: those with no model yet."""
+    from dramaturg.shared.cli.stack import has_model
+
+    plan = []
+    for service in DEMO_SERVICES:
+        preset = demo_preset(service)
+        if preset is not None and not has_model(home, service):
+            plan.append((service, preset))
+    return plan
+
+
+def describe_plan(plan: list[tuple[str, Path]]) -> str:
+    """The line a first ``make demo`` starts with: what it trains, for about how long, and that it is once.
+
+    A newcomer otherwise sees a demo that says nothing for minutes. The durations are each preset's
+    ``estimated_minutes``: measured on 2 CPU cores, corpus generation included; the rest of the demo
+    (its scene, the stack, enrolment, the job) adds about a minute.
+    """
+    if not plan:
+        return "models found in the store: no training; the job's result comes in about a minute"
+    parts, total = [], 0.0
+    for service, preset in plan:
+        minutes = (yaml.safe_load(preset.read_text()) or {}).get("estimated_minutes")
+        total += float(minutes or 0)
+        parts.append(f"{service} ({preset.stem} preset" + (f", ≈ {minutes} min)" if minutes else ")"))
+    cores = os.cpu_count() or 0
+    where = "on 2 CPU cores" if cores == 2 else f"(times for 2 CPU cores; this machine has {cores})"
+    result = f", so the first result comes after ≈ {round(total) + 1} min" if total else ""
+    return f"first run: trains {' and '.join(parts)} {where}{result}; later runs reuse the models"
+
+
+def ensure_model(home: Path, service: str) -> None:
+    """A stage needs a trained model: train the service's demo preset once if the store has none."""
     from dramaturg.shared.cli import train
     from dramaturg.shared.cli.stack import has_model
 
-    entry = registry.get(service)
-    if not entry.demo_config or has_model(home, service):
+    config = demo_preset(service)
+    if config is None or has_model(home, service):
         return
-    config = entry.resource(entry.demo_config)
-    console.print(f"     no {service} model yet: training the embedded default ({config.name}, CPU, minutes)")
+    console.print(f"     no {service} model yet: training the {config.stem} preset ({config})")
+    started = time.monotonic()
     args = argparse.Namespace(service=service, config=str(config), recipe=None, dataset=None, set=[],
                               list_recipes=False, metrics_port=0)
     if train.run(args) != 0:
         raise SystemExit(f"training the demo's {service} model failed; see the run's worker.log above")
+    console.print(f"     {service} model ready after {minutes(time.monotonic() - started)}")
+
+
+def minutes(seconds: float) -> str:
+    """``12 min 5 s``: how the demo reports how long each part took."""
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s" if whole >= 60 else f"{whole} s"
 
 
 async def enroll_cast(target: str, corpus: Path) -> dict[str, str]:
@@ -141,13 +192,17 @@ def run(args: argparse.Namespace) -> int:
     from dramaturg.shared.cli.stack import describe, start_stack, stop_stack
 
     home = dramaturg_home()
+    started = time.monotonic()
+    console.print(describe_plan(training_plan(home)))
     corpus = demo_corpus(home)
     uri = (corpus / "diarization" / "lists" / "test.lst").read_text().split()[0]
     wav = corpus / "diarization" / "wav" / f"{uri}.wav"
-    console.print("[bold]2/4[/] starting the embedded stack (gateway + built services, CPU, loopback) …")
-    for service in ("speaker", "diarization"):
+    for service in DEMO_SERVICES:
         ensure_model(home, service)
+    console.print("[bold]2/4[/] starting the embedded stack (gateway + built services, CPU, loopback) …")
+    stack_started = time.monotonic()
     stack, _ = start_stack(home, say=lambda m: console.print(f"  {m}"))
+    console.print(f"     stack up after {minutes(time.monotonic() - stack_started)}")
     try:
         console.print(describe(stack))
         token = Path(stack.token_file).read_text().strip()
@@ -191,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"job_id": job.job_id, "result": result, "detection": report}, indent=2))
         return 0
     finally:
+        took = minutes(time.monotonic() - started)
+        console.print(f"demo ran {took} (training included); stopping the stack")
         stop_stack(home)
         console.print("stack stopped")
 

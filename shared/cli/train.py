@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -87,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if record.state != "SUCCEEDED":
         return 1
     store = ModelStore(home)
+    # the published model's own metrics (the best checkpoint's), not the run's latest values
+    metrics = store.resolve(args.service, record.published_model).metrics if record.published_model else {}
+    summary = outcome(metrics or record.metrics)
+    if summary:
+        print(f"{record.published_model or record.run_id}: {summary}")
     if record.published_model and store.default(args.service) is None:
         store.set_default(args.service, record.published_model.partition(":")[0])
         print(f"{record.published_model} is now the {args.service} service's default model")
@@ -105,5 +111,24 @@ def synthetic_dataset(home: Path, synth: dict) -> Path:
     out = home / "corpora" / f"synth-{key}"
     if not (out / "manifest.json").exists():
         print(f"generating a synthetic corpus in {out} ({config.num_speakers} speakers) …")
+        started = time.monotonic()
         synthesize_corpus(out, config, overwrite=True)
+        print(f"corpus ready in {time.monotonic() - started:.0f} s")
     return out
+
+
+# What a finished run's metrics say, for the line after its progress bar (the bar hides the run's
+# per-evaluation lines): held-out EER for a speaker model, dev/test DER for a diarization pipeline.
+OUTCOME_METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("eer", "held-out EER", True),
+    ("min_dcf", "minDCF", False),
+    ("der_dev_after", "dev DER", True),
+    ("der_test", "test DER", True),
+)
+
+
+def outcome(metrics: dict[str, float]) -> str:
+    """The run's headline figures (empty when it reported none of them)."""
+    shown = [f"{label} {100 * metrics[key]:.1f} %" if percent else f"{label} {metrics[key]:.3f}"
+             for key, label, percent in OUTCOME_METRICS if key in metrics]
+    return ", ".join(shown)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -622,17 +624,27 @@ class TrainingRunner:
         from the CLI works as a service and a crash is reported, not inherited.
         """
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = console or Console(stderr=True)
         record = self.start(recipe, dataset_uri, overrides, output_model, base_model, request_id)
         console.print(f"run {record.run_id}: recipe {recipe} on {record.dataset_uri}")
         console.print(f"TensorBoard: tensorboard --logdir {record.log_dir}")
         tail = EventTail(record.events_path)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"))
+        # One bar per run: the phase in the description (_render), its ETA, the latest key metrics.
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[metrics]}"))
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task(recipe, total=None, metrics="")
+            task = progress.add_task(f"{self.service} {recipe}", total=None, metrics="",
+                                     label=self.service, config=dict(record.config))
             try:
                 done = False
                 while not done:
@@ -699,29 +711,112 @@ class TrainingRunner:
         return records
 
 
+# Metrics the progress bar shows, most telling first: event key → (label, shown as a percentage).
+_BAR_METRICS: dict[str, tuple[str, bool]] = {
+    "pipeline/der_dev_best": ("best dev DER", True),
+    "pipeline/der_dev_trial": ("trial DER", True),
+    "eer": ("EER", True),
+    "DiarizationErrorRate": ("val DER", True),
+    "loss/val": ("val loss", False),
+    "loss/train": ("loss", False),
+}
+# Lines the bridges log once per epoch / evaluation: the bar already shows their numbers, so the
+# console skips them (they stay in events.jsonl and worker.log).
+_PERIODIC_LINE = re.compile(r"^(epoch|step) \d+: ")
+_LOUD_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+
+
 def _render(progress: Any, task: Any, recipe: str, event: dict[str, Any]) -> bool:
-    """Show one event in the rich progress display; True when it ends the run."""
+    """Show one event in the run's progress bar; True when it ends the run.
+
+    A first ``make demo`` runs two trainings of hundreds of checkpoints and tuning trials on a small
+    CPU, and a line for each buried what mattered. So the bar carries the phase ("training epoch
+    12/20", then "tuning trial 30/100": each phase its own total, so the ETA is that phase's) and the
+    latest key metrics; the console only gets the run's few informative lines and every WARNING or
+    ERROR. Checkpoints, per-epoch lines and state changes stay in ``events.jsonl`` (WatchTraining)
+    and ``worker.log``; ``run_inline`` prints the outcome. The task's fields keep what it learns
+    (``label`` and ``config`` come from ``run_inline``).
+    """
     kind = event.get("type")
     if kind == "progress":
         total = int(event.get("total_steps") or 0) or None
-        progress.update(task, completed=int(event.get("step", 0)), total=total,
-                        description=f"{recipe} epoch {float(event.get('epoch', 0.0)):.2f}")
+        _place(progress, task, int(event.get("step", 0)), total, float(event.get("epoch", 0.0)))
     elif kind == "metrics":
-        values = event.get("values") or {}
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in list(values.items())[:4])
-        progress.update(task, completed=int(event.get("step", 0)), metrics=shown)
+        fields = _fields(progress, task)
+        values = {str(k): float(v) for k, v in (event.get("values") or {}).items()}
+        latest = {**fields.get("latest", {}), **values}
+        progress.update(task, latest=latest, metrics=_metrics_text(latest, values))
     elif kind == "log":
-        progress.console.print(f"[{event.get('level', 'INFO')}] {event.get('message', '')}", markup=False)
-    elif kind == "checkpoint":
-        cp = event.get("checkpoint") or {}
-        progress.console.print(f"checkpoint {cp.get('checkpoint_id')} (step {cp.get('step')})"
-                             + (" best" if cp.get("best") else ""))
+        level = str(event.get("level", "INFO")).upper()
+        message = str(event.get("message", ""))
+        if level in _LOUD_LEVELS:
+            style = "yellow" if level == "WARNING" else "red"
+            progress.console.print(f"[{level}] {message}", style=style, markup=False, highlight=False)
+        elif not _PERIODIC_LINE.match(message):
+            progress.console.print(f"  {message}", style="dim", markup=False, highlight=False)
     elif kind == "state":
         state = event.get("state")
-        progress.console.print(f"state {state}" + (f": {event['error']}" if event.get("error") else ""),
-                               markup=False)
+        if state == "SUCCEEDED":  # a full bar, whatever the last throttled progress event said
+            shown_total = _fields(progress, task).get("shown_total")
+            if shown_total:
+                progress.update(task, completed=shown_total)
         return state in TERMINAL_STATES
     return False
+
+
+def _fields(progress: Any, task: Any) -> dict[str, Any]:
+    """The rich task's fields: what ``_render`` remembers between events."""
+    return next((t.fields for t in progress.tasks if t.id == task), {})
+
+
+def _place(progress: Any, task: Any, step: int, total: int | None, epoch: float) -> None:
+    """Put the bar where ``step`` of ``total`` is, in the phase that step belongs to.
+
+    A run's step axis can hold two phases (a diarization run: the segmentation fit, then pipeline
+    tuning trials counted after it). Progress events carry no phase, so it is worked out here: an
+    epoch-based fit (config ``epochs`` without ``max_steps``) has ``step / epoch`` batches per epoch,
+    so it ends at ``epochs`` times that, and whatever comes after is tuning. When the phase changes
+    the bar restarts, so that the ETA is measured on the new phase's pace, not the old one's.
+    """
+    fields = _fields(progress, task)
+    config = fields.get("config") or {}
+    label = fields.get("label", "")
+    epochs = 0 if config.get("max_steps") else int(config.get("epochs") or 0)
+    per_epoch = int(fields.get("per_epoch") or 0)
+    if epochs and not per_epoch and 0 < epoch <= epochs and step > 0:
+        per_epoch = max(1, round(step / epoch))
+        progress.update(task, per_epoch=per_epoch)
+    fit_total = epochs * per_epoch
+    latest = fields.get("latest", {})
+    if fit_total and step > fit_total:
+        phase, done, of = "tuning", step - fit_total, (total - fit_total if total else None)
+        where = f"tuning trial {done}/{of}" if of else f"tuning trial {done}"
+    elif fit_total:
+        phase, done, of = "training", step, fit_total
+        where = f"training epoch {max(1, min(epochs, math.ceil(epoch)))}/{epochs}"
+    else:
+        tuning = any(k.startswith("pipeline/") for k in latest)
+        phase, done, of = ("tuning" if tuning else "training"), step, total
+        unit = "tuning trial" if tuning else "training step"
+        where = f"{unit} {done}/{of}" if of else f"{unit} {done}"
+    description = f"{label} {where}".strip()
+    if phase != fields.get("phase"):
+        kept = {k: v for k, v in latest.items() if k.startswith("pipeline/") == (phase == "tuning")}
+        # reset() restarts the ETA's clock and samples, and replaces all fields: pass them all on
+        progress.reset(task, total=of, completed=done, description=description,
+                       **{**fields, "phase": phase, "latest": kept, "shown_total": of,
+                          "metrics": _metrics_text(kept, {})})
+    else:
+        progress.update(task, total=of, completed=done, description=description, shown_total=of)
+
+
+def _metrics_text(latest: Mapping[str, float], newest: Mapping[str, float]) -> str:
+    """The two most telling of the latest metrics (any two of the newest event's if none is known)."""
+    known = [(key, *_BAR_METRICS[key]) for key in _BAR_METRICS if key in latest]
+    shown = known[:2] or [(key, key, False) for key in list(newest)[:2]]
+    values = {**latest, **newest}
+    return "  ".join(f"{label} {100 * values[key]:.1f}%" if percent else f"{label} {values[key]:.4g}"
+                     for key, label, percent in shown if math.isfinite(values[key]))
 
 
 def _describe_exit(returncode: int | None) -> str:
