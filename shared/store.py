@@ -61,7 +61,7 @@ _GENERATION_FILE = ".generation"
 # Within this long of the generation file's last change its content is compared too: two changes
 # inside one timestamp tick can leave the same inode number, size and times behind.
 _RACY_NS = 2_000_000_000
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would accept a trailing newline
 _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
 # Staging folders of a live process are left alone; those of dead ones, or older than this, go.
 STALE_STAGING_SECONDS = 24 * 3600.0
@@ -226,9 +226,9 @@ def parse_ref(ref: ModelRefLike) -> tuple[str, str]:
         raise invalid_argument("model", f"unsupported model ref type {type(ref).__name__}")
     if version == LATEST:
         version = ""
-    if name and not _NAME_RE.match(name):
+    if name and not _NAME_RE.fullmatch(name):
         raise invalid_argument("model.name", f"invalid model name {name!r}: letters, digits, '.', '_', '-'")
-    if version and not _NAME_RE.match(version):
+    if version and not _NAME_RE.fullmatch(version):
         raise invalid_argument("model.version", f"invalid model version {version!r}")
     if version and not name:
         raise invalid_argument("model.name", "a model version needs a model name")
@@ -236,7 +236,7 @@ def parse_ref(ref: ModelRefLike) -> tuple[str, str]:
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not _NAME_RE.match(value or ""):
+    if not _NAME_RE.fullmatch(value or ""):
         raise invalid_argument(kind, f"invalid {kind} {value!r}: letters, digits, '.', '_', '-' (max 128)")
     return value
 

@@ -97,7 +97,9 @@ def test_resolve_forms_and_errors(tmp_path: Path) -> None:
         store.resolve(SERVICE, "nobody")
     assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert "voices" in err.value.message
-    for bad in ("a:b:c", "voices:", "bad name!", ("", "v1")):
+    # a trailing newline must not pass as part of a name ("$" matches before one)
+    for bad in ("a:b:c", "voices:", "bad name!", ("", "v1"), common_pb2.ModelRef(name="voices\n"),
+                common_pb2.ModelRef(name="voices", version="v1\n")):
         with pytest.raises(ServiceError) as err:
             store.resolve(SERVICE, bad)  # type: ignore[arg-type]
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, bad
