@@ -6,7 +6,16 @@ sections are passed to it verbatim (the CLI generates its flags from the fields)
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 
 class SynthConfig(BaseModel):
@@ -32,9 +41,29 @@ class SynthConfig(BaseModel):
     sample_rate: int = Field(16000, ge=8000, le=48000, description="Output sample rate (Hz).")
     raters: int = Field(6, ge=1, description="Noisy rater scores per evaluator item.")
     workers: int = Field(2, ge=1, le=64, description="Rendering threads.")
+    text_source: Literal["bank", "grammar"] = Field(
+        "bank",
+        description="Where lines come from: 'bank' (scripts.yaml, every split speaks the same lines) or "
+        "'grammar' (thousands of generated sentences; dev/test scenes and held-out speakers say only "
+        "sentences that training never hears).",
+    )
 
     @model_validator(mode="after")
     def _enough_training_speakers(self) -> SynthConfig:
         if self.num_speakers - self.heldout_speakers < 2:
             raise ValueError("need at least 2 non-held-out speakers (num_speakers - heldout_speakers >= 2)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_text_source(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``text_source`` out of dumps while it is the default ``bank``.
+
+        A dump names a corpus: it is the manifest's ``config`` and ``dramaturg train``'s cache key for
+        corpora (``shared/cli/train.py``). Omitting the default keeps both byte for byte what they were
+        before the field existed, so no existing corpus changes or is rebuilt; a ``grammar`` corpus
+        still dumps (and round-trips) its source.
+        """
+        data: dict[str, Any] = handler(self)
+        if self.text_source == "bank":
+            data.pop("text_source", None)
+        return data

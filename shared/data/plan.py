@@ -5,10 +5,17 @@ recording sessions and standalone lines, the enrollment lines, and how every lin
 prosody targets of :class:`render.Acting`). Placement on a scene's timeline needs the rendered
 durations and is done later (``mixdown.py``). A plan is a pure value: the same config and bank give an
 equal plan, which is what lets each writer be tested on its own.
+
+Where lines come from (``SynthConfig.text_source``): ``bank`` draws every line from the script bank,
+so all splits speak the same few dozen lines; ``grammar`` draws from the generated sentences
+(``sentences.py``), each part of the corpus from its own text split — train scenes and training
+speakers from ``train``, development scenes from ``dev``, test scenes and held-out speakers from
+``test`` — so no evaluation sentence is ever heard in training. Scene settings always come from the bank.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +25,7 @@ from . import seeds
 from .config import SynthConfig
 from .render import Acting, RenderJob, draw_acting
 from .scripts import ScriptBank, ScriptLine, default_script_bank
+from .sentences import TEXT_SPLITS, default_sentences, split_sentences
 from .voices import ChannelEffects, VoiceProfile, make_sessions, make_voice_pool
 
 SPLITS = ("train", "development", "test")
@@ -25,6 +33,8 @@ SPLIT_PREFIX = {"train": "train", "development": "dev", "test": "test"}
 """Scene URIs are ``{prefix}_{index:03d}``."""
 ENROLL_LINES = 2
 """Enrollment (casting reference) lines per speaker."""
+SCENE_TEXT_SPLIT = {"train": "train", "development": "dev", "test": "test"}
+"""The text split (``sentences.TEXT_SPLITS``) each scene split draws its lines from."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class CorpusPlan:
     """Speaker id → speaker-corpus utterances (each with its recording session)."""
     enrollment: Mapping[str, tuple[PlannedLine, ...]]
     """Speaker id → enrollment lines, read neutrally."""
+    texts: Mapping[str, ScriptBank]
+    """Text split (``train``, ``dev``, ``test``) → the lines that part of the corpus draws from; with
+    ``text_source="bank"`` all three are :attr:`bank`."""
 
     @property
     def train_pool(self) -> tuple[VoiceProfile, ...]:
@@ -101,23 +114,55 @@ class CorpusPlan:
 
 
 def plan_corpus(config: SynthConfig, bank: ScriptBank | None = None) -> CorpusPlan:
-    """The whole plan for ``config``, drawing lines and settings from ``bank`` (default: scripts.yaml)."""
+    """The whole plan for ``config``: settings from ``bank`` (default: scripts.yaml), lines from it or,
+    with ``text_source="grammar"``, from the generated sentences' text splits (module docstring)."""
     bank = default_script_bank() if bank is None else bank
+    texts = text_banks(config, bank)
+    if config.text_source == "grammar":
+        bank = grammar_bank(bank.settings)
     pool = tuple(make_voice_pool(config.num_speakers, config.seed))
-    train_pool = pool[: config.num_speakers - config.heldout_speakers]
+    n_train = config.num_speakers - config.heldout_speakers
+    train_pool = pool[:n_train]
     scenes = []
     for split, count in zip(
         SPLITS, (config.scenes_train, config.scenes_dev, config.scenes_test), strict=True
     ):
         # Training scenes use training speakers only; dev/test scenes may cast anyone.
+        lines = texts[SCENE_TEXT_SPLIT[split]]
         for k in range(count):
-            scenes.append(plan_scene(config, bank, split, k, train_pool if split == "train" else pool))
+            scenes.append(plan_scene(config, lines, split, k, train_pool if split == "train" else pool))
     sessions = {}
     enrollment = {}
     for idx, voice in enumerate(pool):
-        sessions[voice.speaker_id] = _plan_sessions(config, bank, idx, voice)
-        enrollment[voice.speaker_id] = _plan_enrollment(config, bank, idx, voice)
-    return CorpusPlan(config, bank, pool, tuple(scenes), sessions, enrollment)
+        # What a held-out speaker says is held-out text too: their clips are the evaluation items.
+        lines = texts["test" if idx >= n_train else "train"]
+        sessions[voice.speaker_id] = _plan_sessions(config, lines, idx, voice)
+        enrollment[voice.speaker_id] = _plan_enrollment(config, lines, idx, voice)
+    return CorpusPlan(config, bank, pool, tuple(scenes), sessions, enrollment, texts)
+
+
+def text_banks(config: SynthConfig, bank: ScriptBank) -> dict[str, ScriptBank]:
+    """Text split → the bank its lines are drawn from: ``bank`` for all three with ``text_source="bank"``
+    (exactly the draws made before text splits existed), else :func:`grammar_banks`."""
+    if config.text_source == "bank":
+        return dict.fromkeys(TEXT_SPLITS, bank)
+    return dict(grammar_banks(bank.settings))
+
+
+@functools.cache
+def grammar_bank(settings: tuple[str, ...]) -> ScriptBank:
+    """The whole generated bank as script lines, with ``settings`` (what a grammar plan's ``bank`` is:
+    the evaluator draws its mismatched archetype cues from it)."""
+    return ScriptBank(tuple(s.script_line() for s in default_sentences()), settings)
+
+
+@functools.cache
+def grammar_banks(settings: tuple[str, ...]) -> Mapping[str, ScriptBank]:
+    """Each text split of the generated sentences as a script bank with ``settings`` (built once)."""
+    return {
+        split: ScriptBank(tuple(s.script_line() for s in items), settings)
+        for split, items in split_sentences().items()
+    }
 
 
 def pick_lines(bank: ScriptBank, rng: np.random.Generator, n: int) -> list[ScriptLine]:

@@ -5,8 +5,10 @@ but complete corpus from espeak-ng voices and labels it from what was actually r
 the services read comes out of ONE run, so they all describe the same speakers and lines. This module
 only orchestrates; each step has its own module:
 
-1. **plan** (``plan.py``, lines from ``scripts.yaml`` via ``scripts.py``): scenes, casts, who says
-   which line, sessions, enrollment lines and how each line is acted — pure, from the seed;
+1. **plan** (``plan.py``, lines from ``scripts.yaml`` via ``scripts.py``, or with
+   ``text_source="grammar"`` from ``grammar.yaml`` via ``sentences.py``, each split from its own
+   text): scenes, casts, who says which line, sessions, enrollment lines and how each line is acted —
+   pure, from the seed;
 2. **render** (``corpus.py`` over ``render.py``, ``voices.py``, ``mixdown.py``, ``clips.py``,
    ``prosody.py``): renderings, channels, scene mixes, standalone clips and their measured prosody;
 3. **write** (``writers/``), one writer per format: pyannote protocol (``diarization/``), VoxCeleb tree

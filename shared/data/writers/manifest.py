@@ -1,5 +1,8 @@
 """``manifest.json``: the index of one run — config, speakers, scenes, counts, label histogram, paths.
 
+A corpus built with ``text_source="grammar"`` also gets ``text``: where its lines came from and how
+many sentences each text split holds (absent for ``bank`` corpora, whose manifest stays as it was).
+
 Built from the corpus itself and the other writers' reports. Counts of writers that did not run are
 left out, and ``paths`` lists only what is on disk, so a partial run (one writer, for a new service's
 tests) still gets an honest index; a full run lists everything.
@@ -12,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..corpus import RenderedCorpus
-from ..plan import SPLITS
+from ..plan import SPLITS, CorpusPlan
+from ..sentences import bank_digest
 from .files import write_json
 from .pyannote import PROTOCOL
 
@@ -71,6 +75,7 @@ def write_manifest(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "config": plan.config.model_dump(),
+        **({"text": text_summary(plan)} if plan.config.text_source != "bank" else {}),
         "sample_rate": corpus.sample_rate,
         "protocol": PROTOCOL,
         "database_yml": "diarization/database.yml",
@@ -90,3 +95,15 @@ def write_manifest(
     }
     write_json(out / NAME, manifest)
     return manifest
+
+
+def text_summary(plan: CorpusPlan) -> dict[str, Any]:
+    """Where the lines came from: the source, its size and digest, and each text split's size (so a
+    service can tell which of its test sentences are held out, and notice a changed grammar)."""
+    return {
+        "source": plan.config.text_source,
+        "split_by": "sentence",
+        "sentences": len(plan.bank.lines),
+        "splits": {split: len(bank.lines) for split, bank in plan.texts.items()},
+        "sha256": bank_digest(plan.bank.lines),
+    }
