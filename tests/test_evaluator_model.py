@@ -1,0 +1,415 @@
+"""The evaluator (Qwen2-Audio, Speech-DRAME-style): a tiny model built from configs that round-trips exactly,
+Speech-DRAME's single-dimension prompts, expected-value scores over the digits 1..5 (checked against a
+head whose answer distribution is known), one audio encoding shared by every dimension (equal to scoring
+each dimension through the stock forward), an SFT collator whose loss is on the answer only, and one
+TRL SFTTrainer + LoRA step that changes nothing but the adapters, none of which sit in the audio encoder."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dramaturg.services.evaluator import model as evaluator
+from dramaturg.services.evaluator import prompts, scoring
+from dramaturg.services.evaluator.collate import IGNORE_INDEX, EvaluatorCollator
+from dramaturg.services.evaluator.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, SPECIAL_TOKENS
+from dramaturg.shared.data.prosody import ARCHETYPE_DIMENSIONS, REALISM_DIMENSIONS
+from torch import nn
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RATE = 16_000
+# A row scored in a left-padded batch on the shared encoding vs through the stock forward alone (float
+# sums in another order, attention over padding): observed ≤ 3e-7.
+BATCH_TOLERANCE = 1e-5
+# Hand-computed expected values vs float32 softmax arithmetic.
+EXACT_TOLERANCE = 1e-5
+# The answer distribution of the patched head (test_expected_score_of_a_known_head): P(1..5) and the mass.
+KNOWN_DISTRIBUTION = (0.1, 0.2, 0.3, 0.25, 0.15)
+KNOWN_MASS = 0.8
+
+
+def _clip(seconds: float, seed: int = 0) -> np.ndarray:
+    """Something audio-like at 16 kHz: a gliding tone with noise."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    rng = np.random.default_rng(seed)
+    x = 0.3 * np.sin(2 * np.pi * (150 + 100 * t) * t) + 0.02 * rng.standard_normal(t.size)
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return evaluator.build_tiny_evaluator(seed=0)
+
+
+@pytest.fixture(scope="module")
+def items() -> dict[str, dict]:
+    """A realism and an archetype item shaped like the synthetic corpus's JSONL, built from its plan."""
+    from dramaturg.shared.data.config import SynthConfig
+    from dramaturg.shared.data.plan import plan_corpus
+    from dramaturg.shared.data.writers.speech_drame import local_scene
+
+    plan = plan_corpus(SynthConfig())
+    scene = plan.scenes[0]
+    prev, turn = scene.turns[0], scene.turns[1]
+    voice = turn.voice
+    raters = [3, 4, 4, 2, 5, 3]
+    role = {
+        "id": "role-synth_v1_0001",
+        "dataset_name": "ROLE",
+        "local_scene": local_scene(turn, scene, prev),
+        "char_age": voice.age,
+        "char_style": voice.char_style,
+        "char_profile": voice.char_profile,
+        "transcript": turn.line.text,
+        "wav_path": "wav/role/0001.wav",
+        "annotations": {d: raters for d in REALISM_DIMENSIONS},
+    }
+    arche = {
+        "id": "synth_en_0000",
+        "dataset_name": "Arche",
+        "question": f"You are {voice.name}. {turn.line.cue} Respond in a {turn.line.emotion} tone. You say:",
+        "wav_path": "wav/arche/0000.wav",
+        "annotations": {"content_pass": [True] * 6, **{d: raters for d in ARCHETYPE_DIMENSIONS}},
+    }
+    return {"role": role, "arche": arche}
+
+
+def _known_head(model: nn.Module, digit_ids: tuple[int, ...]) -> nn.Module:
+    """A copy of ``model`` whose LM head ignores the hidden state: logits = a bias with a known softmax.
+
+    The digits get ``KNOWN_MASS × KNOWN_DISTRIBUTION``; the other tokens share the rest equally.
+    """
+    patched = copy.deepcopy(model)
+    hidden, vocab = patched.lm_head.in_features, patched.lm_head.out_features
+    head = nn.Linear(hidden, vocab, bias=True)
+    probs = torch.full((vocab,), (1.0 - KNOWN_MASS) / (vocab - len(digit_ids)), dtype=torch.float64)
+    probs[list(digit_ids)] = torch.tensor(KNOWN_DISTRIBUTION, dtype=torch.float64) * KNOWN_MASS
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(probs.log().float())
+    patched.lm_head = head
+    return patched
+
+
+# ------------------------------------------------------------------------------- config, tokenizer
+
+
+def test_tiny_model_config_tokenizer_and_window(tiny):
+    model, processor = tiny
+    tokenizer = processor.tokenizer
+    config = model.config
+    # the audio special tokens are single ids inside the vocabulary; the digits are single tokens
+    for token in SPECIAL_TOKENS:
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    assert (
+        config.audio_token_id == tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) < config.text_config.vocab_size
+    )
+    assert config.image_token_id == config.audio_token_id  # for TRL's GRPOTrainer
+    digits = scoring.digit_token_ids(tokenizer)
+    assert len(set(digits)) == 5
+    assert tokenizer.encode("<answer>4</answer>", add_special_tokens=False)[3] == digits[3]
+    assert "<answer>" not in tokenizer.all_special_tokens
+    assert tokenizer.eos_token == IM_END and tokenizer.bos_token is None
+    # Qwen2-Audio-Instruct's chat layout
+    text = processor.apply_chat_template(
+        prompts.user_messages("Rate it."), add_generation_prompt=True, tokenize=False
+    )
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"Audio 1: {AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}\nRate it.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # the answer prefix tokenises the same alone and followed by the answer (scoring reads the next token)
+    prefix = tokenizer.encode(text + "<answer>", add_special_tokens=False)
+    full = tokenizer.encode(text + prompts.format_answer(3) + IM_END, add_special_tokens=False)
+    assert full[: len(prefix)] == prefix and full[len(prefix)] == digits[2]
+    # the 5 s window: the processor pads to exactly the encoder's input length; tokens follow the real length
+    assert 2 * config.audio_config.max_source_positions == processor.feature_extractor.nb_max_frames == 500
+    for seconds, tokens in ((2.0, 50), (8.0, 125)):  # 25 tokens a second; past 5 s the clip is cut
+        batch = processor(text=[text], audio=[_clip(seconds)], sampling_rate=RATE, return_tensors="pt")
+        assert int((batch["input_ids"] == config.audio_token_id).sum()) == tokens
+        assert batch["input_features"].shape == (1, 128, 500)
+    counts = evaluator.parameter_count(model)
+    assert counts["other"] == 0 and 250_000 < counts["total"] < 500_000, counts
+
+
+def test_prompts_follow_speech_drame_format(items):
+    role, arche = items["role"], items["arche"]
+    assert set(prompts.RUBRICS) == {*REALISM_DIMENSIONS, *ARCHETYPE_DIMENSIONS}
+    text = prompts.item_prompt(role, "pitch_variation")
+    assert text.startswith("Please evaluate the audio based on the following criteria:\n\nBased on the given")
+    assert "\nDimension: PitchDynamics — " in text and "\n5: " in text and "\n1: " in text
+    assert "\nExample output: 4\n\n" in text
+    context = (
+        f"Global Profile: {role['char_profile']}, Local Scene: {role['local_scene']}, "
+        f"Available Traits: {role['char_style']}"
+    )
+    assert text.endswith(f"\n\n{context}\n\nOutput the answer in <answer> </answer>.")
+    simple = prompts.item_prompt(role, "pitch_variation", detailed=False)
+    assert "\n5: " not in simple and len(simple) < len(text)
+    assert prompts.item_prompt(arche, "human_likeness").endswith(
+        f"\n\n{arche['question']}\n\n{prompts.FRAME_CLOSE}"
+    )
+    assert prompts.item_dimensions(arche) == ARCHETYPE_DIMENSIONS
+    with pytest.raises(ValueError):
+        prompts.item_prompt(arche, "pitch_variation")
+    assert prompts.parse_answer(prompts.format_answer(5)) == 5
+    assert prompts.parse_answer("I think <answer> 2 </answer>.") == 2
+    assert prompts.parse_answer("<answer>7</answer>") is None and prompts.parse_answer("4") is None
+    rows = prompts.sft_examples([role, arche], rng=np.random.default_rng(0))
+    assert len(rows) == len(REALISM_DIMENSIONS) + len(ARCHETYPE_DIMENSIONS)
+    assert all(re.fullmatch(r"<answer>[2-5]</answer>", r["completion"]) for r in rows)  # raters gave 2..5
+
+
+# ---------------------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_gives_equal_logits(tiny, tmp_path: Path):
+    model, processor = tiny
+    evaluator.save_evaluator(model, processor, tmp_path / "saved")
+    loaded, loaded_processor = evaluator.load_evaluator(tmp_path / "saved")
+    text = processor.apply_chat_template(
+        prompts.user_messages("Rate it."), add_generation_prompt=True, tokenize=False
+    )
+    batch = processor(text=[text], audio=[_clip(1.5)], sampling_rate=RATE, return_tensors="pt")
+    reloaded_batch = loaded_processor(
+        text=[text], audio=[_clip(1.5)], sampling_rate=RATE, return_tensors="pt"
+    )
+    assert all(torch.equal(batch[k], reloaded_batch[k]) for k in batch)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    assert loaded.config.image_token_id == model.config.audio_token_id
+    assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
+    assert not loaded.model.audio_tower.embed_positions.weight.requires_grad  # re-frozen after loading
+    # the registry's writer: same seed, same weights
+    evaluator.write_tiny_model(tmp_path / "written", seed=0)
+    written, _ = evaluator.load_evaluator(tmp_path / "written")
+    with torch.no_grad():
+        assert torch.equal(written(**batch).logits, loaded(**batch).logits)
+    assert not evaluator.production_available(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError):
+        evaluator.load_pretrained_evaluator(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def test_score_logits_matches_hand_computation():
+    digit_ids = (3, 4, 5, 6, 7)  # a 10-token vocabulary
+    logits = torch.zeros(10)
+    logits[list(digit_ids)] = torch.tensor([0.0, 0.0, math.log(2.0), math.log(4.0), 0.0])
+    result = scoring.score_logits(logits[None], digit_ids)
+    # digits' weights 1, 1, 2, 4, 1 (sum 9); five other tokens weigh 1 each: mass 9 / 14
+    expected = (1 * 1 + 2 * 1 + 3 * 2 + 4 * 4 + 5 * 1) / 9
+    assert float(result.score[0]) == pytest.approx(expected, abs=EXACT_TOLERANCE)
+    assert result.distribution[0].tolist() == pytest.approx([1 / 9, 1 / 9, 2 / 9, 4 / 9, 1 / 9], abs=1e-6)
+    assert float(result.digit_mass[0]) == pytest.approx(9 / 14, abs=1e-6)
+
+
+def test_expected_score_of_a_known_head(tiny, items):
+    model, processor = tiny
+    digit_ids = scoring.digit_token_ids(processor.tokenizer)
+    known = _known_head(model, digit_ids)
+    results = scoring.score_item(known, processor, _clip(2.0), items["role"])
+    expected = sum(k * p for k, p in zip(prompts.SCORES, KNOWN_DISTRIBUTION, strict=True))  # 3.15
+    assert list(results) == list(REALISM_DIMENSIONS)
+    for result in results.values():
+        assert result.score == pytest.approx(expected, abs=EXACT_TOLERANCE)
+        assert result.distribution == pytest.approx(KNOWN_DISTRIBUTION, abs=EXACT_TOLERANCE)
+        assert result.digit_mass == pytest.approx(KNOWN_MASS, abs=EXACT_TOLERANCE)
+        assert result.mode == 3
+    # greedy generation after "<answer>" writes the same most likely digit
+    encoding = scoring.encode_audio(known, processor, _clip(2.0))
+    prompt = prompts.item_prompt(items["role"], "pitch_variation")
+    answers = scoring.generate_answers(
+        known, processor, encoding, [prompt], max_new_tokens=1, answer_prefix=True
+    )
+    assert answers == ["<answer>3"]
+
+
+def test_digit_mass_is_a_probability(tiny, items):
+    model, processor = tiny
+    for item, seconds in ((items["role"], 3.0), (items["arche"], 0.7)):
+        for result in scoring.score_item(model, processor, _clip(seconds), item, detailed=False).values():
+            assert 0.0 <= result.digit_mass <= 1.0
+            assert sum(result.distribution) == pytest.approx(1.0, abs=1e-6)
+            assert 1.0 <= result.score <= 5.0
+
+
+def test_dimensions_share_one_audio_encoding(tiny, items):
+    model, processor = tiny
+    clip, item = _clip(2.3, seed=1), items["role"]
+    calls: list[tuple[int, ...]] = []
+    hook = model.model.audio_tower.register_forward_hook(
+        lambda m, args, out: calls.append(tuple(args[0].shape))
+    )
+    try:
+        shared = scoring.score_item(model, processor, clip, item)
+    finally:
+        hook.remove()
+    assert calls == [(1, 128, 500)]  # ten dimensions, one encoder pass over one clip
+    digit_ids = scoring.digit_token_ids(processor.tokenizer)
+    for dimension, result in shared.items():
+        # the stock path: the processor expands the audio, the model encodes it again for this prompt alone
+        messages = prompts.user_messages(prompts.item_prompt(item, dimension))
+        text = (
+            processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + "<answer>"
+        )
+        batch = processor(text=[text], audio=[clip], sampling_rate=RATE, return_tensors="pt")
+        with torch.no_grad():
+            alone = scoring.score_logits(model(**batch).logits[:, -1], digit_ids)
+        assert result.score == pytest.approx(float(alone.score[0]), abs=BATCH_TOLERANCE)
+        assert result.distribution == pytest.approx(alone.distribution[0].tolist(), abs=BATCH_TOLERANCE)
+        assert result.digit_mass == pytest.approx(float(alone.digit_mass[0]), abs=BATCH_TOLERANCE)
+    # smaller language-model batches give the same scores
+    chunked = scoring.score_item(model, processor, clip, item, batch_size=3)
+    assert [r.score for r in chunked.values()] == pytest.approx([r.score for r in shared.values()], abs=1e-6)
+    # plain generation on the shared encoding: its first digit-position token is the scoring argmax
+    encoding = scoring.encode_audio(model, processor, clip)
+    texts = [prompts.item_prompt(item, d) for d in REALISM_DIMENSIONS[:3]]
+    inputs = scoring.embed_prompts(model, processor, encoding, texts, answer_prefix=True)
+    with torch.no_grad():
+        argmax = scoring.answer_logits(model, inputs).argmax(-1).tolist()
+    generated = scoring.generate_answers(
+        model, processor, encoding, texts, max_new_tokens=1, answer_prefix=True
+    )
+    assert generated == ["<answer>" + processor.tokenizer.decode([i]) for i in argmax]
+    assert len(scoring.generate_answers(model, processor, encoding, texts, max_new_tokens=4)) == 3
+
+
+# ------------------------------------------------------------------------------------- SFT collator
+
+
+def _sft_rows(items: dict[str, dict]) -> list[dict]:
+    rows = prompts.sft_examples(
+        [items["role"], items["arche"]],
+        rng=np.random.default_rng(0),
+        detailed=False,
+        dimensions=["pitch_variation", "audio_quality"],
+    )
+    for i, row in enumerate(rows):
+        row["audio"] = _clip(1.0 + 1.5 * i, seed=i)  # different lengths: different audio-token counts
+    return rows
+
+
+def test_collator_masks_prompt_and_audio_keeps_the_answer(tiny, items):
+    model, processor = tiny
+    rows = _sft_rows(items)
+    batch = EvaluatorCollator(processor)(rows)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    audio = ids == model.config.audio_token_id
+    assert audio.sum(dim=1).tolist() == [25, 62]  # 1 s and 2.5 s
+    for row, data in enumerate(rows):
+        target = processor.tokenizer.encode(data["completion"] + IM_END, add_special_tokens=False)
+        kept = (labels[row] != IGNORE_INDEX).nonzero().flatten()
+        end = int(mask[row].nonzero().max()) + 1
+        assert kept.tolist() == list(range(end - len(target), end))  # exactly the answer's positions
+        assert labels[row, kept].tolist() == ids[row, kept].tolist() == target
+        assert processor.tokenizer.decode(labels[row, kept]) == data["completion"] + IM_END
+    assert bool((labels[audio] == IGNORE_INDEX).all()) and bool((labels[mask == 0] == IGNORE_INDEX).all())
+    # the model's loss is the cross-entropy of the answer tokens only
+    with torch.no_grad():
+        out = model(**batch)
+    logits, targets = out.logits[:, :-1], labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    manual = nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert float(out.loss) == pytest.approx(float(manual), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------- LoRA, SFT
+
+
+def test_lora_targets_the_language_model_only(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny
+    adapted = evaluator.apply_lora(copy.deepcopy(model), rank=4, alpha=8, dropout=0.0)
+    names = {n.split(".lora_A")[0] for n, _ in adapted.named_parameters() if ".lora_A." in n}
+    assert names and not any("audio_tower" in n or "multi_modal_projector" in n for n in names)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(names) == 7 * layers  # q, k, v, o, gate, up, down in every decoder layer
+    # scoring reads through the adapters: equal to the base model while lora_B is zero, different after
+    clip, item = _clip(1.0), {"dataset_name": "Arche", "question": "You say:"}
+    base_scores = [r.score for r in scoring.score_item(model, processor, clip, item).values()]
+    assert [r.score for r in scoring.score_item(adapted, processor, clip, item).values()] == base_scores
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    assert [r.score for r in scoring.score_item(adapted, processor, clip, item).values()] != base_scores
+    # the trap the anchored regex avoids: "all-linear" adapts the audio encoder's projections too
+    everything = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear"))
+    assert any("audio_tower" in n and ".lora_A." in n for n, _ in everything.named_parameters())
+
+
+def test_one_sft_step_changes_only_adapters(tiny, items):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, processor = tiny
+    adapted = evaluator.apply_lora(copy.deepcopy(model), rank=4, alpha=8, dropout=0.0)
+    before = {name: p.detach().clone() for name, p in adapted.named_parameters()}
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out,
+            max_steps=2,  # the first step moves only lora_B (it starts at zero), the second lora_A too
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = SFTTrainer(
+            model=adapted,
+            args=args,
+            train_dataset=Dataset.from_list(_sft_rows(items)),
+            data_collator=EvaluatorCollator(processor),
+            processing_class=processor,
+        )
+        result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    changed = {name for name, p in adapted.named_parameters() if not torch.equal(p.detach(), before[name])}
+    lora = {name for name in before if ".lora_" in name}
+    assert changed == lora
+
+
+def test_grpo_trainer_accepts_the_model(tiny):
+    """Only GRPOTrainer's construction: it reads ``config.image_token_id``, which Qwen2-Audio lacks (the
+    builder sets it to the audio token). GRPO training on audio prompts is not checked here."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, processor = tiny
+    rows = [{"prompt": prompts.user_messages("Rate it."), "audio": _clip(1.0)} for _ in range(2)]
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_completion_length=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        GRPOTrainer(
+            model=copy.deepcopy(model),
+            reward_funcs=lambda completions, **_: [0.0] * len(completions),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=processor,
+            peft_config=evaluator.lora_config(rank=4),
+        )
