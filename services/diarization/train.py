@@ -1,6 +1,7 @@
 """Diarization training (the worker runs it; :mod:`dramaturg.services.diarization.recipes` names the recipes).
 
-The two steps of pyannote's fine-tuning guide (seed 000), one run:
+The two steps of pyannote.audio's fine-tuning guide (its segmentation fine-tuning and
+pipeline-optimisation tutorials), one run:
 
 1. ``segmentation`` — train (or fine-tune) the segmentation model with pyannote's
    ``SpeakerDiarization`` task and a Lightning ``Trainer``; optimiser menu adam / adamw / radam /
@@ -153,7 +154,8 @@ def make_task(protocol: SpeakerDiarizationProtocol, cfg: Mapping[str, Any],
 
 
 def set_optimizer(model: Model, cfg: Mapping[str, Any]) -> None:
-    """Replace the model's ``configure_optimizers`` with the configured choice (seed 000's menu).
+    """Replace the model's ``configure_optimizers`` with the configured choice
+    (the optimiser menu of pyannote.audio's fine-tuning tutorial).
 
     All parameters go to the optimiser, frozen ones included: they have no gradient while frozen
     and start moving once ``unfreeze_at_epoch`` releases them. ``radam-cosine`` anneals per step

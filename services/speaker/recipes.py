@@ -1,6 +1,7 @@
 """The speaker recipes by name (``dramaturg.services.speaker.recipes:RECIPES``), light enough for the server.
 
-Recipes (seed 001): ``wav2vec2-ce``, ``wav2vec2-aam``, ``wav2vec2-bce``, ``wav2vec2-ctc``,
+Recipes (after the wav2vec2 speaker-verification recipes of the SpeechBrain / Hugging Face
+fine-tuning guides): ``wav2vec2-ce``, ``wav2vec2-aam``, ``wav2vec2-bce``, ``wav2vec2-ctc``,
 ``xvector-aam``, ``ecapa-aam``; ``lr-find`` (exponential LR range test) and ``lr-grid`` (short runs
 over a list of learning rates); plus one recipe per ``presets/*.yaml`` file (``cpu-quick``,
 ``wav2vec2-base-aam``, ``ecapa-voxceleb``), each a base recipe with overrides. Every key of a

@@ -175,7 +175,10 @@ def prepare(
 
 @dataclass
 class TriStage:
-    """LambdaLR factor: linear warm-up, hold, exponential decay (seed 001's tri-stage; exp_decay: decay)."""
+    """LambdaLR factor: linear warm-up, hold, exponential decay.
+
+    The tri-stage schedule of the wav2vec2 recipes; ``exp_decay`` is its decay alone.
+    """
 
     total_steps: int
     warmup_ratio: float
