@@ -138,3 +138,10 @@ def test_train_prints_the_published_models_headline() -> None:
     assert outcome({"eer": 0.0412, "min_dcf": 0.31, "threshold": 0.4}) == "held-out EER 4.1 %, minDCF 0.310"
     assert outcome({"der_dev_after": 0.12, "der_test": 0.135}) == "dev DER 12.0 %, test DER 13.5 %"
     assert outcome({"loss/train": 1.0}) == ""
+
+
+def test_a_published_part_never_becomes_the_default_model() -> None:
+    from dramaturg.shared.cli.train import servable
+
+    assert servable({}) and servable({"kind": "model"})
+    assert not servable({"kind": "codec"}) and not servable({"kind": "lora-adapter"})

@@ -60,6 +60,7 @@ from transformers import (
     CsmForConditionalGeneration,
     CsmProcessor,
     EncodecFeatureExtractor,
+    LogitsProcessorList,
     MimiConfig,
     MimiModel,
     PreTrainedTokenizerBase,
@@ -430,6 +431,7 @@ def synthesize(
     top_p: float | None = None,
     top_k: int | None = None,
     streamer: BaseStreamer | None = None,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[np.ndarray, int]:
     """Speak ``text`` as ``speaker``: float32 mono samples and their sample rate.
 
@@ -437,6 +439,8 @@ def synthesize(
     after ``max_new_frames`` frames (12.5 a second: 125 = 10 s) and decodes with the model's codec.
     ``seed`` makes the sampling reproducible without touching the caller's global RNG state.
     ``streamer`` (e.g. ``codec_stream.CsmAudioStreamer``) receives the frames as they are sampled.
+    ``logits_processor`` runs once per generated frame: the server's deadline / cancel check lives there,
+    because CSM's ``generate`` ignores custom ``StoppingCriteria`` (it keeps only its max-length one).
     """
     device = next(model.parameters()).device
     inputs = prompt_inputs(processor, text, speaker, context).to(device)
@@ -445,7 +449,12 @@ def synthesize(
         if seed is not None:
             torch.manual_seed(int(seed))
         audio = model.generate(
-            **inputs, max_new_tokens=int(max_new_frames), output_audio=True, streamer=streamer, **kwargs
+            **inputs,
+            max_new_tokens=int(max_new_frames),
+            output_audio=True,
+            streamer=streamer,
+            logits_processor=logits_processor,
+            **kwargs,
         )
     samples = audio[0].float().cpu().numpy().astype(np.float32, copy=False)
     return samples, int(model.config.codec_config.sampling_rate)

@@ -88,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
     if record.state != "SUCCEEDED":
         return 1
     store = ModelStore(home)
+    published = store.resolve(args.service, record.published_model) if record.published_model else None
     # the published model's own metrics (the best checkpoint's), not the run's latest values
-    metrics = store.resolve(args.service, record.published_model).metrics if record.published_model else {}
-    summary = outcome(metrics or record.metrics)
+    summary = outcome((published.metrics if published else {}) or record.metrics)
     if summary:
         print(f"{record.published_model or record.run_id}: {summary}")
-    if record.published_model and store.default(args.service) is None:
+    if published and servable(published.labels) and store.default(args.service) is None:
         store.set_default(args.service, record.published_model.partition(":")[0])
         print(f"{record.published_model} is now the {args.service} service's default model")
     return 0
@@ -132,3 +132,13 @@ def outcome(metrics: dict[str, float]) -> str:
     shown = [f"{label} {100 * metrics[key]:.1f} %" if percent else f"{label} {metrics[key]:.3f}"
              for key, label, percent in OUTCOME_METRICS if key in metrics]
     return ", ".join(shown)
+
+
+# Store labels ``kind`` of versions a service cannot serve on their own (a TTS codec, a LoRA adapter a
+# voice is made of): publishing one must not make it the service's default model.
+PARTS = frozenset({"codec", "lora-adapter"})
+
+
+def servable(labels: dict[str, str]) -> bool:
+    """Whether a published version is a model its service serves (not one of its parts)."""
+    return labels.get("kind", "model") not in PARTS

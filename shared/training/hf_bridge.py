@@ -154,7 +154,8 @@ class RunContextCallback(TrainerCallback):
             if trainer_dir.is_dir():  # the Trainer's own checkpoint, for resume_from_checkpoint
                 shutil.move(str(trainer_dir), str(folder / TRAINER_STATE_DIR))
 
-        self.ctx.save_checkpoint(write, step, float(state.epoch or 0.0), metrics, is_best)
+        # on the run's step axis: two stages of one run must not write the same checkpoint id
+        self.ctx.save_checkpoint(write, self.step_offset + step, float(state.epoch or 0.0), metrics, is_best)
         if is_best and value is not None:
             self.best = value
         shutil.rmtree(trainer_dir, ignore_errors=True)

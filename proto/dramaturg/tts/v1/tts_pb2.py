@@ -23,23 +23,48 @@ _sym_db = _symbol_database.Default()
 
 
 from dramaturg.common.v1 import common_pb2 as dramaturg_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ramaturg/tts/v1/tts.proto\x12\x10\x64ramaturg.tts.v1\x1a dramaturg/common/v1/common.proto\"\xbb\x02\n\x0fSynthesisConfig\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x10\n\x08voice_id\x18\x02 \x01(\t\x12\x38\n\x0freference_audio\x18\x03 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12\x16\n\x0ereference_text\x18\x04 \x01(\t\x12\x34\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\".dramaturg.common.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x06 \x01(\x05\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\"h\n\x11SynthesizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\x06\x63onfig\x18\x03 \x01(\x0b\x32!.dramaturg.tts.v1.SynthesisConfig\"\x87\x01\n\x12SynthesizeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05\x61udio\x18\x02 \x01(\x0b\x32 .dramaturg.common.v1.AudioOutput\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\"\x96\x01\n\x18SynthesizeOnlineResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61udio_chunk\x18\x02 \x01(\x0c\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x05\x12\x15\n\raudio_seconds\x18\x05 \x01(\x01\x12\x10\n\x08is_final\x18\x06 \x01(\x08\x32\xce\x01\n\x0cTextToSpeech\x12W\n\nSynthesize\x12#.dramaturg.tts.v1.SynthesizeRequest\x1a$.dramaturg.tts.v1.SynthesizeResponse\x12\x65\n\x10SynthesizeOnline\x12#.dramaturg.tts.v1.SynthesizeRequest\x1a*.dramaturg.tts.v1.SynthesizeOnlineResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ramaturg/tts/v1/tts.proto\x12\x10\x64ramaturg.tts.v1\x1a dramaturg/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x0fSynthesisConfig\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x10\n\x08voice_id\x18\x02 \x01(\t\x12\x38\n\x0freference_audio\x18\x03 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12\x16\n\x0ereference_text\x18\x04 \x01(\t\x12\x34\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\".dramaturg.common.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x06 \x01(\x05\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\r\n\x05top_k\x18\x0b \x01(\x05\"h\n\x11SynthesizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\x06\x63onfig\x18\x03 \x01(\x0b\x32!.dramaturg.tts.v1.SynthesisConfig\"\xaf\x01\n\x12SynthesizeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05\x61udio\x18\x02 \x01(\x0b\x32 .dramaturg.common.v1.AudioOutput\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x18\n\x10generated_frames\x18\x05 \x01(\x05\"\x88\x02\n\x18SynthesizeOnlineResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61udio_chunk\x18\x02 \x01(\x0c\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x05\x12\x15\n\raudio_seconds\x18\x05 \x01(\x01\x12\x10\n\x08is_final\x18\x06 \x01(\x08\x12,\n\x05model\x18\x07 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x34\n\x08\x65ncoding\x18\t \x01(\x0e\x32\".dramaturg.common.v1.AudioEncoding\"\xf9\x02\n\x05Voice\x12\x10\n\x08voice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x13\n\x0bhas_adapter\x18\x04 \x01(\x08\x12\x15\n\rhas_reference\x18\x05 \x01(\x08\x12\x16\n\x0ereference_text\x18\x06 \x01(\t\x12\x19\n\x11reference_seconds\x18\x07 \x01(\x01\x12\x0f\n\x07speaker\x18\x08 \x01(\x05\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.dramaturg.tts.v1.Voice.LabelsEntry\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61\x64\x61pter_source\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x03\n\x0f\x41\x64\x64VoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08voice_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x38\n\x0freference_audio\x18\x05 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12\x16\n\x0ereference_text\x18\x06 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x07 \x01(\t\x12\x0f\n\x07speaker\x18\x08 \x01(\x05\x12=\n\x06labels\x18\t \x03(\x0b\x32-.dramaturg.tts.v1.AddVoiceRequest.LabelsEntry\x12\x11\n\toverwrite\x18\n \x01(\x08\x12\x34\n\radapter_model\x18\x0b \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x10\x41\x64\x64VoiceResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05voice\x18\x02 \x01(\x0b\x32\x17.dramaturg.tts.v1.Voice\"\x13\n\x11ListVoicesRequest\"=\n\x12ListVoicesResponse\x12\'\n\x06voices\x18\x01 \x03(\x0b\x32\x17.dramaturg.tts.v1.Voice\"#\n\x0fGetVoiceRequest\x12\x10\n\x08voice_id\x18\x01 \x01(\t\"&\n\x12RemoveVoiceRequest\x12\x10\n\x08voice_id\x18\x01 \x01(\t\"=\n\x13RemoveVoiceResponse\x12&\n\x05voice\x18\x01 \x01(\x0b\x32\x17.dramaturg.tts.v1.Voice2\x9e\x04\n\x0cTextToSpeech\x12W\n\nSynthesize\x12#.dramaturg.tts.v1.SynthesizeRequest\x1a$.dramaturg.tts.v1.SynthesizeResponse\x12\x65\n\x10SynthesizeOnline\x12#.dramaturg.tts.v1.SynthesizeRequest\x1a*.dramaturg.tts.v1.SynthesizeOnlineResponse0\x01\x12W\n\nListVoices\x12#.dramaturg.tts.v1.ListVoicesRequest\x1a$.dramaturg.tts.v1.ListVoicesResponse\x12\x46\n\x08GetVoice\x12!.dramaturg.tts.v1.GetVoiceRequest\x1a\x17.dramaturg.tts.v1.Voice\x12Q\n\x08\x41\x64\x64Voice\x12!.dramaturg.tts.v1.AddVoiceRequest\x1a\".dramaturg.tts.v1.AddVoiceResponse\x12Z\n\x0bRemoveVoice\x12$.dramaturg.tts.v1.RemoveVoiceRequest\x1a%.dramaturg.tts.v1.RemoveVoiceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dramaturg.tts.v1.tts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SYNTHESISCONFIG']._serialized_start=83
-  _globals['_SYNTHESISCONFIG']._serialized_end=398
-  _globals['_SYNTHESIZEREQUEST']._serialized_start=400
-  _globals['_SYNTHESIZEREQUEST']._serialized_end=504
-  _globals['_SYNTHESIZERESPONSE']._serialized_start=507
-  _globals['_SYNTHESIZERESPONSE']._serialized_end=642
-  _globals['_SYNTHESIZEONLINERESPONSE']._serialized_start=645
-  _globals['_SYNTHESIZEONLINERESPONSE']._serialized_end=795
-  _globals['_TEXTTOSPEECH']._serialized_start=798
-  _globals['_TEXTTOSPEECH']._serialized_end=1004
+  _globals['_VOICE_LABELSENTRY']._loaded_options = None
+  _globals['_VOICE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ADDVOICEREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_ADDVOICEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_SYNTHESISCONFIG']._serialized_start=116
+  _globals['_SYNTHESISCONFIG']._serialized_end=446
+  _globals['_SYNTHESIZEREQUEST']._serialized_start=448
+  _globals['_SYNTHESIZEREQUEST']._serialized_end=552
+  _globals['_SYNTHESIZERESPONSE']._serialized_start=555
+  _globals['_SYNTHESIZERESPONSE']._serialized_end=730
+  _globals['_SYNTHESIZEONLINERESPONSE']._serialized_start=733
+  _globals['_SYNTHESIZEONLINERESPONSE']._serialized_end=997
+  _globals['_VOICE']._serialized_start=1000
+  _globals['_VOICE']._serialized_end=1377
+  _globals['_VOICE_LABELSENTRY']._serialized_start=1332
+  _globals['_VOICE_LABELSENTRY']._serialized_end=1377
+  _globals['_ADDVOICEREQUEST']._serialized_start=1380
+  _globals['_ADDVOICEREQUEST']._serialized_end=1807
+  _globals['_ADDVOICEREQUEST_LABELSENTRY']._serialized_start=1332
+  _globals['_ADDVOICEREQUEST_LABELSENTRY']._serialized_end=1377
+  _globals['_ADDVOICERESPONSE']._serialized_start=1809
+  _globals['_ADDVOICERESPONSE']._serialized_end=1887
+  _globals['_LISTVOICESREQUEST']._serialized_start=1889
+  _globals['_LISTVOICESREQUEST']._serialized_end=1908
+  _globals['_LISTVOICESRESPONSE']._serialized_start=1910
+  _globals['_LISTVOICESRESPONSE']._serialized_end=1971
+  _globals['_GETVOICEREQUEST']._serialized_start=1973
+  _globals['_GETVOICEREQUEST']._serialized_end=2008
+  _globals['_REMOVEVOICEREQUEST']._serialized_start=2010
+  _globals['_REMOVEVOICEREQUEST']._serialized_end=2048
+  _globals['_REMOVEVOICERESPONSE']._serialized_start=2050
+  _globals['_REMOVEVOICERESPONSE']._serialized_end=2111
+  _globals['_TEXTTOSPEECH']._serialized_start=2114
+  _globals['_TEXTTOSPEECH']._serialized_end=2656
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,26 @@ class TextToSpeechStub:
                 request_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.SynthesizeRequest.SerializeToString,
                 response_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.SynthesizeOnlineResponse.FromString,
                 _registered_method=True)
+        self.ListVoices = channel.unary_unary(
+                '/dramaturg.tts.v1.TextToSpeech/ListVoices',
+                request_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.ListVoicesRequest.SerializeToString,
+                response_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.ListVoicesResponse.FromString,
+                _registered_method=True)
+        self.GetVoice = channel.unary_unary(
+                '/dramaturg.tts.v1.TextToSpeech/GetVoice',
+                request_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.GetVoiceRequest.SerializeToString,
+                response_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.Voice.FromString,
+                _registered_method=True)
+        self.AddVoice = channel.unary_unary(
+                '/dramaturg.tts.v1.TextToSpeech/AddVoice',
+                request_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.AddVoiceRequest.SerializeToString,
+                response_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.AddVoiceResponse.FromString,
+                _registered_method=True)
+        self.RemoveVoice = channel.unary_unary(
+                '/dramaturg.tts.v1.TextToSpeech/RemoveVoice',
+                request_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.RemoveVoiceRequest.SerializeToString,
+                response_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.RemoveVoiceResponse.FromString,
+                _registered_method=True)
 
 
 class TextToSpeechServicer:
@@ -61,6 +81,30 @@ class TextToSpeechServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVoices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVoice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddVoice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveVoice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextToSpeechServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +117,26 @@ def add_TextToSpeechServicer_to_server(servicer, server):
                     servicer.SynthesizeOnline,
                     request_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.SynthesizeRequest.FromString,
                     response_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.SynthesizeOnlineResponse.SerializeToString,
+            ),
+            'ListVoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVoices,
+                    request_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.ListVoicesRequest.FromString,
+                    response_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.ListVoicesResponse.SerializeToString,
+            ),
+            'GetVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVoice,
+                    request_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.GetVoiceRequest.FromString,
+                    response_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.Voice.SerializeToString,
+            ),
+            'AddVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddVoice,
+                    request_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.AddVoiceRequest.FromString,
+                    response_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.AddVoiceResponse.SerializeToString,
+            ),
+            'RemoveVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveVoice,
+                    request_deserializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.RemoveVoiceRequest.FromString,
+                    response_serializer=dramaturg_dot_tts_dot_v1_dot_tts__pb2.RemoveVoiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +193,114 @@ class TextToSpeech:
             '/dramaturg.tts.v1.TextToSpeech/SynthesizeOnline',
             dramaturg_dot_tts_dot_v1_dot_tts__pb2.SynthesizeRequest.SerializeToString,
             dramaturg_dot_tts_dot_v1_dot_tts__pb2.SynthesizeOnlineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dramaturg.tts.v1.TextToSpeech/ListVoices',
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.ListVoicesRequest.SerializeToString,
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.ListVoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dramaturg.tts.v1.TextToSpeech/GetVoice',
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.GetVoiceRequest.SerializeToString,
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.Voice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dramaturg.tts.v1.TextToSpeech/AddVoice',
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.AddVoiceRequest.SerializeToString,
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.AddVoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dramaturg.tts.v1.TextToSpeech/RemoveVoice',
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.RemoveVoiceRequest.SerializeToString,
+            dramaturg_dot_tts_dot_v1_dot_tts__pb2.RemoveVoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
