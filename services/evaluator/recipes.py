@@ -1,0 +1,98 @@
+"""The evaluator recipes by name (``dramaturg.services.evaluator.recipes:RECIPES``), light for a server.
+
+Speech-DRAME's DRAME-Eval recipe, run by the shared runner: supervised fine-tuning of Qwen2-Audio to
+answer ``<answer>N</answer>`` to one-dimension prompts, on the corpus's Speech-DRAME JSONL
+(``evaluator/{realism,archetype}_{train,test}.jsonl``).
+
+* ``sft`` — TRL's ``SFTTrainer`` with the evaluator's collator (loss on the answer only). ``peft``
+  chooses what trains: ``lora`` (peft LoRA on the language model's attention and MLP projections only;
+  the audio encoder and projector stay frozen) or ``full`` (every weight but the encoder's frozen
+  position table). ``adalora``, ``ia3``, ``prefix`` and ``prompt`` are reserved names, not implemented
+  yet: a config naming one fails before training starts. ``target`` picks each row's answer:
+  ``per_rater`` (one rater's score drawn at random, as Speech-DRAME does) or ``mean`` (the raters'
+  mean, rounded). ``base_model`` "" trains the tiny evaluator (a random init; for tests and CPU
+  checks), otherwise a model-store ref, folder or hub id.
+
+plus one recipe per ``presets/*.yaml`` (``cpu-quick``: the CPU learning check).
+
+Every evaluation scores the held-out items (the writer's ``test`` split) on every dimension with the
+expected value over the digits 1..5 and logs per dimension the MAE against the raters' mean and the
+Spearman correlation with it; the mean Spearman over dimensions (``heldout/spearman``, higher is
+better) picks the checkpoint that is published. The published model is always a standalone folder
+that ``load_evaluator`` reads (LoRA merged into the weights): see ``train.py``.
+
+The training code (``train``, ``data``: torch, transformers, trl, peft) is imported by the worker
+when a recipe runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dramaturg.shared.training.presets import LazyRecipe, presets_dir, recipes_with_presets
+
+PRESETS_DIR = presets_dir(__file__)
+PEFT_METHODS = ("lora", "full")  # implemented
+PLANNED_PEFT_METHODS = ("adalora", "ia3", "prefix", "prompt")  # accepted names, refused when a run starts
+TARGETS = ("per_rater", "mean")
+ITEM_SETS = ("realism", "archetype", "both")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+MONITORED = "heldout/spearman"
+ARCHITECTURE = "qwen2-audio"
+SFT = "dramaturg.services.evaluator.train:run_sft"
+
+COMMON_DEFAULTS: dict[str, Any] = {
+    # --- model
+    "base_model": "",  # "": the tiny evaluator (random); else a model-store ref, folder or hub id
+    # --- data
+    "item_set": "both",  # realism | archetype | both
+    "dimensions": [],  # only these dimensions ([]: every dimension of each item)
+    "detailed": True,  # the detailed rubric prompts (False: the simple ones)
+    "target": "per_rater",  # per_rater | mean
+    "max_train_items": 0,  # > 0: only the first N training items
+    "max_heldout_items": 0,  # > 0: only the first N held-out items are scored
+    # --- optimisation
+    "lr": 5e-5,
+    "schedule": "cosine",
+    "warmup": 0.05,  # < 1: share of the steps; >= 1: steps
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "max_steps": 300,
+    "batch_size": 4,
+    "gradient_accumulation": 1,
+    "bf16": False,
+    # --- LoRA (peft lora)
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.1,
+    # modules trained in full beside the adapters (peft ``modules_to_save``): the random tiny model needs
+    # ["lm_head"] (its head caps the logits; LoRA alone plateaus near ln(vocab)); [] for a pretrained one
+    "lora_modules_to_save": [],
+    # --- evaluation and checkpoints
+    "eval_every": 50,
+    "eval_at_start": True,  # score the model before training (step 0)
+    "log_every": 5,
+    # --- system
+    "device": "auto",  # auto | cpu | cuda
+    "torch_threads": 0,  # CPU threads for torch (0: torch's default)
+    "seed": 0,
+}
+
+SFT_DEFAULTS: dict[str, Any] = {
+    "peft": "lora",  # lora | full (adalora | ia3 | prefix | prompt: not implemented yet)
+}
+
+
+def _base_recipes() -> list[LazyRecipe]:
+    return [
+        LazyRecipe(
+            "sft",
+            "SFT of Qwen2-Audio to answer <answer>N</answer> per dimension (peft: lora | full)",
+            {**COMMON_DEFAULTS, **SFT_DEFAULTS},
+            SFT,
+            architecture=ARCHITECTURE,
+        ),
+    ]
+
+
+RECIPES: dict[str, LazyRecipe] = recipes_with_presets(_base_recipes(), PRESETS_DIR)
