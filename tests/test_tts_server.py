@@ -26,23 +26,11 @@ from helpers import ServerThread, wait_for
 from hostile import speechlike, wav
 from prometheus_client import REGISTRY
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread", "tts_registered")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RATE = 24_000
 FRAME = 1_920  # samples per Mimi frame at 24 kHz (12.5 frames a second)
 Enc = common_pb2.AudioEncoding
-
-
-@pytest.fixture()
-def tts_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ModelService finds its recipes through the registry; until pyproject.toml registers tts (its
-    recipes module is being written), register it here. Harmless once it is registered."""
-    from dramaturg.services.tts import SERVICE
-    from dramaturg.shared import registry
-
-    if "tts" not in registry.registered():
-        entries = {**registry.registered(), "tts": SERVICE}
-        monkeypatch.setattr(registry, "registered", lambda: entries)
 
 
 def publish_tiny(home: Path, name: str = "tiny", seed: int = 0, default: bool = True) -> None:
