@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from dramaturg.common.v1 import common_pb2 as dramaturg_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dramaturg/audiollm/v1/audiollm.proto\x12\x15\x64ramaturg.audiollm.v1\x1a dramaturg/common/v1/common.proto\"\x87\x01\n\x10GenerationConfig\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\xa8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12.\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12+\n\x04span\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.TimeSpan\x12)\n\x04task\x18\x05 \x01(\x0e\x32\x1b.dramaturg.audiollm.v1.Task\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12;\n\ngeneration\x18\x07 \x01(\x0b\x32\'.dramaturg.audiollm.v1.GenerationConfig\"\x9b\x01\n\x05Usage\x12\x14\n\x0c\x61udio_tokens\x18\x01 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12%\n\x1dtime_per_output_token_seconds\x18\x05 \x01(\x01\"\xa6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12+\n\x05usage\x18\x04 \x01(\x0b\x32\x1c.dramaturg.audiollm.v1.Usage\x12,\n\x05model\x18\x05 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\"\xab\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x13\n\x0btoken_index\x18\x03 \x01(\x05\x12\x10\n\x08is_final\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12+\n\x05usage\x18\x06 \x01(\x0b\x32\x1c.dramaturg.audiollm.v1.Usage*E\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTRANSCRIBE\x10\x01\x12\x0b\n\x07\x43\x41PTION\x10\x02\x12\n\n\x06\x41NSWER\x10\x03\x32\xd2\x01\n\x08\x41udioLLM\x12[\n\x08Generate\x12&.dramaturg.audiollm.v1.GenerateRequest\x1a\'.dramaturg.audiollm.v1.GenerateResponse\x12i\n\x0eGenerateStream\x12&.dramaturg.audiollm.v1.GenerateRequest\x1a-.dramaturg.audiollm.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dramaturg/audiollm/v1/audiollm.proto\x12\x15\x64ramaturg.audiollm.v1\x1a dramaturg/common/v1/common.proto\"\x87\x01\n\x10GenerationConfig\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\xa8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12.\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12+\n\x04span\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.TimeSpan\x12)\n\x04task\x18\x05 \x01(\x0e\x32\x1b.dramaturg.audiollm.v1.Task\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12;\n\ngeneration\x18\x07 \x01(\x0b\x32\'.dramaturg.audiollm.v1.GenerationConfig\"\x9b\x01\n\x05Usage\x12\x14\n\x0c\x61udio_tokens\x18\x01 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12%\n\x1dtime_per_output_token_seconds\x18\x05 \x01(\x01\"\xb4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12+\n\x05usage\x18\x04 \x01(\x0b\x32\x1c.dramaturg.audiollm.v1.Usage\x12,\n\x05model\x18\x05 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\xe7\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x13\n\x0btoken_index\x18\x03 \x01(\x05\x12\x10\n\x08is_final\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12+\n\x05usage\x18\x06 \x01(\x0b\x32\x1c.dramaturg.audiollm.v1.Usage\x12,\n\x05model\x18\x07 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12\x0c\n\x04seed\x18\x08 \x01(\x03*E\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTRANSCRIBE\x10\x01\x12\x0b\n\x07\x43\x41PTION\x10\x02\x12\n\n\x06\x41NSWER\x10\x03\x32\xd2\x01\n\x08\x41udioLLM\x12[\n\x08Generate\x12&.dramaturg.audiollm.v1.GenerateRequest\x1a\'.dramaturg.audiollm.v1.GenerateResponse\x12i\n\x0eGenerateStream\x12&.dramaturg.audiollm.v1.GenerateRequest\x1a-.dramaturg.audiollm.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dramaturg.audiollm.v1.audiollm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=1035
-  _globals['_TASK']._serialized_end=1104
+  _globals['_TASK']._serialized_start=1109
+  _globals['_TASK']._serialized_end=1178
   _globals['_GENERATIONCONFIG']._serialized_start=98
   _globals['_GENERATIONCONFIG']._serialized_end=233
   _globals['_GENERATEREQUEST']._serialized_start=236
@@ -41,9 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=535
   _globals['_USAGE']._serialized_end=690
   _globals['_GENERATERESPONSE']._serialized_start=693
-  _globals['_GENERATERESPONSE']._serialized_end=859
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=862
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1033
-  _globals['_AUDIOLLM']._serialized_start=1107
-  _globals['_AUDIOLLM']._serialized_end=1317
+  _globals['_GENERATERESPONSE']._serialized_end=873
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=876
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1107
+  _globals['_AUDIOLLM']._serialized_start=1181
+  _globals['_AUDIOLLM']._serialized_end=1391
 # @@protoc_insertion_point(module_scope)
