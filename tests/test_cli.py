@@ -145,3 +145,20 @@ def test_a_published_part_never_becomes_the_default_model() -> None:
 
     assert servable({}) and servable({"kind": "model"})
     assert not servable({"kind": "codec"}) and not servable({"kind": "lora-adapter"})
+
+
+def test_the_stack_starts_a_service_only_for_a_servable_model(tmp_path: Path) -> None:
+    """A published TTS codec alone is a part of a model: `dramaturg up` must not start tts on it."""
+    from dramaturg.shared.cli.stack import has_model
+    from dramaturg.shared.store import ModelStore
+
+    store = ModelStore(tmp_path)
+    assert not has_model(tmp_path, "tts")
+    with store.create_version("tts", "codec", architecture="mimi", base_model="", recipe="codec",
+                              labels={"kind": "codec"}) as folder:
+        (folder / "config.json").write_text("{}")
+    assert not has_model(tmp_path, "tts")
+    with store.create_version("tts", "voice", architecture="csm", base_model="", recipe="full",
+                              labels={"kind": "model"}) as folder:
+        (folder / "config.json").write_text("{}")
+    assert has_model(tmp_path, "tts")

@@ -68,11 +68,13 @@ def stack_file(home: Path) -> Path:
 
 
 def has_model(home: Path, service: str) -> bool:
-    """Whether the service has a model to serve (the store's default, or any version)."""
+    """Whether the service has a model to serve (the store's default, or any version that is not a part
+    of one, such as a TTS codec or a voice's adapter)."""
+    from dramaturg.shared.cli.train import servable
     from dramaturg.shared.store import ModelStore
 
     store = ModelStore(home)
-    return store.default(service) is not None or bool(store.list(service=service))
+    return store.default(service) is not None or any(servable(r.labels) for r in store.list(service=service))
 
 
 def model_service_config(home: Path, service: str) -> Path | None:
