@@ -23,7 +23,7 @@ ENTRY_POINT_GROUP = "dramaturg.services"
 
 # Services the platform plans but has not built yet: `dramaturg serve tts` says so instead of
 # "unknown service". A name leaves this tuple when its package registers itself.
-PLANNED: tuple[str, ...] = ("evaluator",)
+PLANNED: tuple[str, ...] = ()
 
 
 class ServiceNotBuilt(RuntimeError):

@@ -25,27 +25,29 @@ _sym_db = _symbol_database.Default()
 from dramaturg.common.v1 import common_pb2 as dramaturg_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&dramaturg/evaluator/v1/evaluator.proto\x12\x16\x64ramaturg.evaluator.v1\x1a dramaturg/common/v1/common.proto\"\x84\x01\n\x0bRoleContext\x12\x13\n\x0blocal_scene\x18\x01 \x01(\t\x12\x10\n\x08\x63har_age\x18\x02 \x01(\t\x12\x12\n\nchar_style\x18\x03 \x01(\t\x12\x14\n\x0c\x63har_profile\x18\x04 \x01(\t\x12\x12\n\ntranscript\x18\x05 \x01(\t\x12\x10\n\x08question\x18\x06 \x01(\t\"\xaa\x02\n\x0f\x45valuateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12.\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12+\n\x04span\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.TimeSpan\x12.\n\x06rubric\x18\x05 \x01(\x0e\x32\x1e.dramaturg.evaluator.v1.Rubric\x12\x12\n\ndimensions\x18\x06 \x03(\t\x12\x34\n\x07\x63ontext\x18\x07 \x01(\x0b\x32#.dramaturg.evaluator.v1.RoleContext\"I\n\x0e\x44imensionScore\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x15\n\rprobabilities\x18\x03 \x03(\x01\"\xa0\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x36\n\x06scores\x18\x02 \x03(\x0b\x32&.dramaturg.evaluator.v1.DimensionScore\x12\x12\n\nmean_score\x18\x03 \x01(\x01\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\"G\n\x15ListDimensionsRequest\x12.\n\x06rubric\x18\x01 \x01(\x0e\x32\x1e.dramaturg.evaluator.v1.Rubric\",\n\x16ListDimensionsResponse\x12\x12\n\ndimensions\x18\x01 \x03(\t*<\n\x06Rubric\x12\x16\n\x12RUBRIC_UNSPECIFIED\x10\x00\x12\x0b\n\x07REALISM\x10\x01\x12\r\n\tARCHETYPE\x10\x02\x32\xdb\x01\n\tEvaluator\x12]\n\x08\x45valuate\x12\'.dramaturg.evaluator.v1.EvaluateRequest\x1a(.dramaturg.evaluator.v1.EvaluateResponse\x12o\n\x0eListDimensions\x12-.dramaturg.evaluator.v1.ListDimensionsRequest\x1a..dramaturg.evaluator.v1.ListDimensionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&dramaturg/evaluator/v1/evaluator.proto\x12\x16\x64ramaturg.evaluator.v1\x1a dramaturg/common/v1/common.proto\"\x84\x01\n\x0bRoleContext\x12\x13\n\x0blocal_scene\x18\x01 \x01(\t\x12\x10\n\x08\x63har_age\x18\x02 \x01(\t\x12\x12\n\nchar_style\x18\x03 \x01(\t\x12\x14\n\x0c\x63har_profile\x18\x04 \x01(\t\x12\x12\n\ntranscript\x18\x05 \x01(\t\x12\x10\n\x08question\x18\x06 \x01(\t\"\xaa\x02\n\x0f\x45valuateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\x12.\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x1f.dramaturg.common.v1.AudioInput\x12+\n\x04span\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.TimeSpan\x12.\n\x06rubric\x18\x05 \x01(\x0e\x32\x1e.dramaturg.evaluator.v1.Rubric\x12\x12\n\ndimensions\x18\x06 \x03(\t\x12\x34\n\x07\x63ontext\x18\x07 \x01(\x0b\x32#.dramaturg.evaluator.v1.RoleContext\"]\n\x0e\x44imensionScore\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x15\n\rprobabilities\x18\x03 \x03(\x01\x12\x12\n\ndigit_mass\x18\x04 \x01(\x01\"\xa0\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x36\n\x06scores\x18\x02 \x03(\x0b\x32&.dramaturg.evaluator.v1.DimensionScore\x12\x12\n\nmean_score\x18\x03 \x01(\x01\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x1d.dramaturg.common.v1.ModelRef\"G\n\x15ListDimensionsRequest\x12.\n\x06rubric\x18\x01 \x01(\x0e\x32\x1e.dramaturg.evaluator.v1.Rubric\"a\n\x16ListDimensionsResponse\x12\x12\n\ndimensions\x18\x01 \x03(\t\x12\x33\n\x04info\x18\x02 \x03(\x0b\x32%.dramaturg.evaluator.v1.DimensionInfo\"y\n\rDimensionInfo\x12\x11\n\tdimension\x18\x01 \x01(\t\x12.\n\x06rubric\x18\x02 \x01(\x0e\x32\x1e.dramaturg.evaluator.v1.Rubric\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t*<\n\x06Rubric\x12\x16\n\x12RUBRIC_UNSPECIFIED\x10\x00\x12\x0b\n\x07REALISM\x10\x01\x12\r\n\tARCHETYPE\x10\x02\x32\xdb\x01\n\tEvaluator\x12]\n\x08\x45valuate\x12\'.dramaturg.evaluator.v1.EvaluateRequest\x1a(.dramaturg.evaluator.v1.EvaluateResponse\x12o\n\x0eListDimensions\x12-.dramaturg.evaluator.v1.ListDimensionsRequest\x1a..dramaturg.evaluator.v1.ListDimensionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dramaturg.evaluator.v1.evaluator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUBRIC']._serialized_start=893
-  _globals['_RUBRIC']._serialized_end=953
+  _globals['_RUBRIC']._serialized_start=1089
+  _globals['_RUBRIC']._serialized_end=1149
   _globals['_ROLECONTEXT']._serialized_start=101
   _globals['_ROLECONTEXT']._serialized_end=233
   _globals['_EVALUATEREQUEST']._serialized_start=236
   _globals['_EVALUATEREQUEST']._serialized_end=534
   _globals['_DIMENSIONSCORE']._serialized_start=536
-  _globals['_DIMENSIONSCORE']._serialized_end=609
-  _globals['_EVALUATERESPONSE']._serialized_start=612
-  _globals['_EVALUATERESPONSE']._serialized_end=772
-  _globals['_LISTDIMENSIONSREQUEST']._serialized_start=774
-  _globals['_LISTDIMENSIONSREQUEST']._serialized_end=845
-  _globals['_LISTDIMENSIONSRESPONSE']._serialized_start=847
-  _globals['_LISTDIMENSIONSRESPONSE']._serialized_end=891
-  _globals['_EVALUATOR']._serialized_start=956
-  _globals['_EVALUATOR']._serialized_end=1175
+  _globals['_DIMENSIONSCORE']._serialized_end=629
+  _globals['_EVALUATERESPONSE']._serialized_start=632
+  _globals['_EVALUATERESPONSE']._serialized_end=792
+  _globals['_LISTDIMENSIONSREQUEST']._serialized_start=794
+  _globals['_LISTDIMENSIONSREQUEST']._serialized_end=865
+  _globals['_LISTDIMENSIONSRESPONSE']._serialized_start=867
+  _globals['_LISTDIMENSIONSRESPONSE']._serialized_end=964
+  _globals['_DIMENSIONINFO']._serialized_start=966
+  _globals['_DIMENSIONINFO']._serialized_end=1087
+  _globals['_EVALUATOR']._serialized_start=1152
+  _globals['_EVALUATOR']._serialized_end=1371
 # @@protoc_insertion_point(module_scope)

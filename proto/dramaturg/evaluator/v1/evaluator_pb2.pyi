@@ -52,14 +52,16 @@ class EvaluateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., audio: _Optional[_Union[_common_pb2.AudioInput, _Mapping]] = ..., span: _Optional[_Union[_common_pb2.TimeSpan, _Mapping]] = ..., rubric: _Optional[_Union[Rubric, str]] = ..., dimensions: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[RoleContext, _Mapping]] = ...) -> None: ...
 
 class DimensionScore(_message.Message):
-    __slots__ = ("dimension", "score", "probabilities")
+    __slots__ = ("dimension", "score", "probabilities", "digit_mass")
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_MASS_FIELD_NUMBER: _ClassVar[int]
     dimension: str
     score: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, dimension: _Optional[str] = ..., score: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+    digit_mass: float
+    def __init__(self, dimension: _Optional[str] = ..., score: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., digit_mass: _Optional[float] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("request_id", "scores", "mean_score", "model")
@@ -80,7 +82,21 @@ class ListDimensionsRequest(_message.Message):
     def __init__(self, rubric: _Optional[_Union[Rubric, str]] = ...) -> None: ...
 
 class ListDimensionsResponse(_message.Message):
-    __slots__ = ("dimensions",)
+    __slots__ = ("dimensions", "info")
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
     dimensions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, dimensions: _Optional[_Iterable[str]] = ...) -> None: ...
+    info: _containers.RepeatedCompositeFieldContainer[DimensionInfo]
+    def __init__(self, dimensions: _Optional[_Iterable[str]] = ..., info: _Optional[_Iterable[_Union[DimensionInfo, _Mapping]]] = ...) -> None: ...
+
+class DimensionInfo(_message.Message):
+    __slots__ = ("dimension", "rubric", "display_name", "summary")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    RUBRIC_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    dimension: str
+    rubric: Rubric
+    display_name: str
+    summary: str
+    def __init__(self, dimension: _Optional[str] = ..., rubric: _Optional[_Union[Rubric, str]] = ..., display_name: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
