@@ -34,12 +34,12 @@ CONTEXT = evaluator_pb2.RoleContext(
 )
 
 
-def publish_tiny(home: Path, name: str = "tiny", seed: int = 0) -> None:
+def publish_tiny(home: Path, name: str = "tiny", seed: int = 0, labels: dict | None = None) -> None:
     from dramaturg.services.evaluator.model import write_tiny_model
 
     store = ModelStore(home)
     with store.create_version("evaluator", name, architecture="tiny", base_model="",
-                              recipe="test") as staging:
+                              recipe="test", labels=labels) as staging:
         write_tiny_model(Path(staging), home, seed=seed)
     store.set_default("evaluator", name)
 
@@ -86,12 +86,14 @@ def error(call) -> tuple[grpc.StatusCode, str, list]:
     return detail.code, detail.message, [f for f, _ in detail.field_violations]
 
 
-def in_process(home: Path, audio: np.ndarray, item: dict, dimensions: list[str]) -> dict:
+def in_process(home: Path, audio: np.ndarray, item: dict, dimensions: list[str],
+               detailed: bool = True) -> dict:
     from dramaturg.services.evaluator.model import load_evaluator
     from dramaturg.services.evaluator.scoring import score_item
 
     model, processor = load_evaluator(ModelStore(home).resolve("evaluator", "tiny").path)
-    return score_item(model, processor, audio.astype(np.float32), item, dimensions=dimensions)
+    return score_item(model, processor, audio.astype(np.float32), item, dimensions=dimensions,
+                      detailed=detailed)
 
 
 ITEM = {"dataset_name": "ROLE", "char_profile": CONTEXT.char_profile, "local_scene": CONTEXT.local_scene,
@@ -260,3 +262,17 @@ def test_concurrent_requests_queue_and_agree(served: Served) -> None:
         t.join()
     assert len(replies) == 3 and len({r.mean_score for r in replies}) == 1
     assert time.monotonic() - began < 60
+
+
+def test_a_model_is_prompted_in_the_style_it_was_trained_on(dramaturg_home: Path) -> None:
+    """The sft recipe labels its models with their prompt style; the service follows the label."""
+    publish_tiny(dramaturg_home, labels={"prompts": "simple"})
+    running = Served(dramaturg_home)  # detailed_prompts defaults to True: the label must win
+    try:
+        some = ["emotion_accuracy", "pitch_variation"]
+        reply = running.stub.Evaluate(request(dimensions=some), timeout=60)
+        check_equal(reply, in_process(dramaturg_home, QUANTISED, ITEM, some, detailed=False), some)
+        detailed = in_process(dramaturg_home, QUANTISED, ITEM, some, detailed=True)
+        assert any(abs(s.score - detailed[s.dimension].score) > 1e-4 for s in reply.scores)
+    finally:
+        running.stop()

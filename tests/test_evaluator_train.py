@@ -140,6 +140,7 @@ def test_sft_loss_falls_and_heldout_metrics_are_logged(sft_run: RunContext) -> N
 def test_published_model_learnt_the_answer_format(sft_run: RunContext, corpus: Path) -> None:
     record = ModelStore(sft_run.record.store_root).resolve(SERVICE, "evaluator-test")
     assert record.architecture == "qwen2-audio" and MONITORED in record.metrics
+    assert record.labels["prompts"] == "simple"  # the service prompts it the way it was trained
     trained, processor = evaluator.load_evaluator(record.path)
     untrained, _ = evaluator.build_tiny_evaluator(seed=0)
     folder = evaluator_dir(corpus)

@@ -14,7 +14,8 @@ class EvaluatorSettings(ModelServiceSettings):
     # Each RoleContext field, in characters (they go into every dimension's prompt).
     max_context_chars: int = Field(4000, ge=1)
     # The prompts' style: the detailed rubric (anchors 5 → 1) or the simple one (dimension line only).
-    # Serve a model with the style it was trained on (the cpu-quick and demo presets train the simple one).
+    # The default for models whose store record does not say: the sft recipe labels every model it
+    # publishes with its style (label "prompts"), and the service prompts that model the same way.
     detailed_prompts: bool = True
     # Dimensions per language-model pass (0: all the requested ones in one batch).
     batch_size: int = Field(0, ge=0)

@@ -364,3 +364,19 @@ def sft_examples(
                 }
             )
     return rows
+
+
+# The store label that records the prompt style a model was trained on, so the service prompts it the
+# same way (a model trained on simple prompts and served detailed ones scores off-format).
+PROMPTS_LABEL = "prompts"
+
+
+def prompt_style(detailed: bool) -> str:
+    """The label value for a prompt style: ``detailed`` or ``simple``."""
+    return "detailed" if detailed else "simple"
+
+
+def detailed_for(labels: dict[str, str], default: bool) -> bool:
+    """Whether to prompt a model in the detailed style: its label if it has one, else ``default``."""
+    style = labels.get(PROMPTS_LABEL, "")
+    return default if style not in ("detailed", "simple") else style == "detailed"

@@ -32,6 +32,7 @@ from dramaturg.services.evaluator.prompts import (
     REALISM,
     RUBRICS,
     build_prompt,
+    detailed_for,
     realism_context,
 )
 from dramaturg.shared import audio as audio_io
@@ -85,11 +86,13 @@ class Scores:
 class LoadedEvaluator:
     """A loaded evaluator with its processor. :meth:`score` runs on the service's model thread."""
 
-    def __init__(self, model: Any, processor: Any, record: ModelRecord, device: str) -> None:
+    def __init__(self, model: Any, processor: Any, record: ModelRecord, device: str,
+                 detailed: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.record = record
         self.device = device
+        self.detailed = detailed  # the prompt style it was trained on (its store label), else the setting
         audio_config = model.config.audio_config
         self.window_seconds = 2 * int(audio_config.max_source_positions) * 160 / SAMPLE_RATE
 
@@ -183,7 +186,7 @@ class EvaluatorServicer(ModelServicer[LoadedEvaluator], evaluator_pb2_grpc.Evalu
                 f"{', '.join(f'context.{n}' for n in REQUIRED_CONTEXT[rubric])}",
             )
         text = realism_context(context) if rubric == Rubric.REALISM else context["question"]
-        prompts = [build_prompt(d, text, detailed=self.settings.detailed_prompts) for d in dimensions]
+        prompts = [build_prompt(d, text, detailed=model.detailed) for d in dimensions]
         samples = clip.samples if clip.samples.ndim == 1 else clip.samples.mean(axis=0)
         return Job(samples.astype(np.float32, copy=False), dimensions, prompts)
 
@@ -251,11 +254,12 @@ class EvaluatorService(ModelService):
 
         require_servable(record)
         model, processor = load_evaluator(record.path, device=device)
-        return LoadedEvaluator(model, processor, record, device)
+        detailed = detailed_for(record.labels, self.settings.detailed_prompts)
+        return LoadedEvaluator(model, processor, record, device, detailed)
 
     async def warm_up(self, model: LoadedEvaluator) -> None:
         dimension = rubric_dimensions(Rubric.ARCHETYPE)[0]
-        prompt = build_prompt(dimension, "warm-up", detailed=self.settings.detailed_prompts)
+        prompt = build_prompt(dimension, "warm-up", detailed=model.detailed)
         job = Job(np.zeros(SAMPLE_RATE // 2, np.float32), (dimension,), [prompt])
         await self.run_model(model.score, job, never_stop)
 

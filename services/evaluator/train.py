@@ -48,7 +48,7 @@ from dramaturg.shared.training.selection import Monitor, publish_best
 from .collate import EvaluatorCollator
 from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, sft_rows
 from .model import build_tiny_evaluator, load_evaluator, lora_config, save_evaluator
-from .prompts import item_dimensions
+from .prompts import PROMPTS_LABEL, item_dimensions, prompt_style
 from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, PLANNED_PEFT_METHODS, SCHEDULES, TARGETS
 
 MONITOR = Monitor(MONITORED, "max")
@@ -298,6 +298,7 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     if ctx.cancelled():
         ctx.log("stopped before the end; nothing published", "WARNING")
         return
-    record = publish_best(ctx, architecture=ARCHITECTURE, labels={"peft": str(cfg["peft"]), "base": source})
+    labels = {"peft": str(cfg["peft"]), "base": source, PROMPTS_LABEL: prompt_style(bool(cfg["detailed"]))}
+    record = publish_best(ctx, architecture=ARCHITECTURE, labels=labels)
     chosen = record.metrics.get(MONITORED, math.nan)
     ctx.log(f"published {record.ref}: held-out mean Spearman {chosen:.3f}")
