@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from dramaturg.common.v1 import common_pb2, common_pb2_grpc
 from dramaturg.shared.audio import Audio, AudioLimits, decode_audio_input
 from dramaturg.shared.blobs import default_blob_root
 from dramaturg.shared.config import ServiceSettings, dramaturg_home
-from dramaturg.shared.grpc.errors import ServiceError
+from dramaturg.shared.grpc.errors import ServiceError, failed_precondition
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.models import MODEL_REPOSITORY, Loaded, ModelManager, ModelRepositoryServicer, run_in
 from dramaturg.shared.registry import recipes_path
@@ -214,3 +215,31 @@ class ModelServicer(Generic[M]):
         limits = limits or self.audio_limits()
         return await asyncio.to_thread(decode_audio_input, audio, target_rate=target_rate, limits=limits,
                                        field=field)
+
+
+def model_type_of(record: ModelRecord) -> str | None:
+    """The ``model_type`` of a store version's ``config.json`` (a transformers model), None if it has none."""
+    config = record.path / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def require_model_type(record: ModelRecord, service: str, accepted: str, what: str, hint: str = "") -> None:
+    """FAILED_PRECONDITION unless ``record`` is a transformers model of type ``accepted``.
+
+    A service's store also holds what its recipes publish beside servable models (a TTS codec, a voice's
+    LoRA adapter), and a ModelRepository Load of one must say so instead of failing inside
+    ``from_pretrained``. ``what`` names the servable kind ("a CSM model"); ``hint`` says what to do
+    instead (default: name a model a recipe published).
+    """
+    kind = model_type_of(record)
+    if kind == accepted:
+        return
+    found = f"a {kind} model" if kind else "not a model folder"
+    hint = hint or "name one that a recipe published (ListModels)"
+    raise failed_precondition(
+        f"{service} model {record.ref} is {found}, not {what} this service can serve; {hint}",
+        reason="NOT_A_SERVABLE_MODEL",
+    )

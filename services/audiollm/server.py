@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
 import secrets
 import time
@@ -40,10 +39,10 @@ from dramaturg.shared import audio as audio_io
 from dramaturg.shared import metrics
 from dramaturg.shared.admission import ConcurrencyLimiter
 from dramaturg.shared.cancellation import ShouldStop, Stopped, never_stop, run_cancellable
-from dramaturg.shared.grpc.errors import failed_precondition, invalid_argument
+from dramaturg.shared.grpc.errors import invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
-from dramaturg.shared.model_service import ModelService, ModelServicer
+from dramaturg.shared.model_service import ModelService, ModelServicer, require_model_type
 from dramaturg.shared.store import ModelRecord
 from dramaturg.shared.validation import require_finite
 
@@ -304,19 +303,7 @@ def require_servable(record: ModelRecord) -> None:
     """FAILED_PRECONDITION unless ``record`` is an audio-LLM model folder (``load_audiollm`` reads it)."""
     from dramaturg.services.audiollm.model import MODEL_TYPE
 
-    config = record.path / "config.json"
-    try:
-        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except (OSError, ValueError):
-        kind = None
-    if kind == MODEL_TYPE:
-        return
-    what = f"a {kind} model" if kind else "not a model folder"
-    raise failed_precondition(
-        f"audiollm model {record.ref} is {what}, not an audio LLM this service can serve; name one that "
-        "a recipe published (ListModels)",
-        reason="NOT_A_SERVABLE_MODEL",
-    )
+    require_model_type(record, "audiollm", MODEL_TYPE, "an audio LLM")
 
 
 def create_service(settings: AudioLlmSettings | None = None) -> AudioLlmService:

@@ -15,7 +15,6 @@ cancelled call stops the work between the encoding and the scoring (``shared/can
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -39,10 +38,10 @@ from dramaturg.shared import audio as audio_io
 from dramaturg.shared import metrics
 from dramaturg.shared.admission import ConcurrencyLimiter
 from dramaturg.shared.cancellation import ShouldStop, Stopped, never_stop, run_cancellable
-from dramaturg.shared.grpc.errors import echo, failed_precondition, invalid_argument
+from dramaturg.shared.grpc.errors import echo, invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
-from dramaturg.shared.model_service import ModelService, ModelServicer
+from dramaturg.shared.model_service import ModelService, ModelServicer, require_model_type
 from dramaturg.shared.store import ModelRecord
 from dramaturg.shared.validation import require_finite
 
@@ -271,19 +270,7 @@ class EvaluatorService(ModelService):
 
 def require_servable(record: ModelRecord) -> None:
     """FAILED_PRECONDITION unless ``record`` is a Qwen2-Audio model folder (``load_evaluator`` reads it)."""
-    config = record.path / "config.json"
-    try:
-        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except (OSError, ValueError):
-        kind = None
-    if kind == "qwen2_audio":
-        return
-    what = f"a {kind} model" if kind else "not a model folder"
-    raise failed_precondition(
-        f"evaluator model {record.ref} is {what}, not a Qwen2-Audio evaluator this service can serve; name "
-        "one that a recipe published (ListModels)",
-        reason="NOT_A_SERVABLE_MODEL",
-    )
+    require_model_type(record, "evaluator", "qwen2_audio", "a Qwen2-Audio evaluator")
 
 
 def create_service(settings: EvaluatorSettings | None = None) -> EvaluatorService:

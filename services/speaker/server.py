@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from dramaturg.common.v1 import common_pb2
 from dramaturg.services.speaker.config import SpeakerSettings
-from dramaturg.services.speaker.voices import Voice, VoiceRegistry, check_voice_id
+from dramaturg.services.speaker.voices import Voice, VoiceRegistry
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared import metrics
 from dramaturg.shared.batching import DynamicBatcher
@@ -31,6 +31,7 @@ from dramaturg.shared.model_service import ModelService, ModelServicer
 from dramaturg.shared.models import run_in
 from dramaturg.shared.store import ModelRecord
 from dramaturg.shared.validation import require_finite
+from dramaturg.shared.voice.catalog import check_voice_id
 from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -23,17 +23,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dramaturg.shared.training import RunContext
 from dramaturg.shared.training.hf_bridge import BRIDGE_ARGUMENTS, RunContextCallback
-from dramaturg.shared.training.runs import TRAINER_STATE_DIR, CheckpointInfo
+from dramaturg.shared.training.runs import CheckpointInfo
 from dramaturg.shared.training.selection import Monitor
 from transformers import TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 STAGE_FILE = "stage.json"
 HELDOUT_CSV = "heldout.csv"
@@ -134,12 +132,19 @@ class StageBridge(RunContextCallback):
         log_names: Mapping[str, str] | None = None,
     ) -> None:
         self.stage = {"stage": stage, "speaker": speaker}
+        tag = dict(self.stage)
+
+        def write_tagged(folder: Path, metrics: Mapping[str, float]) -> None:
+            # the stage tag lets a resumed run find its own stage's checkpoints (stage_checkpoints)
+            write_artifact(folder, metrics)
+            (folder / STAGE_FILE).write_text(json.dumps(tag))
+
         super().__init__(
             ctx,
             monitor=monitor,
             evaluate=evaluate,
             eval_every=eval_every,
-            write_artifact=write_artifact,
+            write_artifact=write_tagged,
             step_offset=step_offset,
             total_steps=total_steps,
             best=monitor.best_of(stage_checkpoints(ctx, stage, speaker)),
@@ -167,26 +172,6 @@ class StageBridge(RunContextCallback):
             if values:
                 self.ctx.log_metrics(self.step_offset + state.global_step, state.epoch or 0.0, values)
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # the shared bridge's on_save, with the checkpoint on the run's step axis and the stage tag
-        step = state.global_step
-        trainer_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        metrics, self.pending = dict(self.pending), {}
-        assert self.monitor is not None and self.write_artifact is not None
-        value = self.monitor.value(metrics)
-        is_best = self.monitor.improves(value, self.best)
-        writer, stage = self.write_artifact, self.stage
-
-        def write(folder: Path) -> None:
-            writer(folder, metrics)
-            (folder / STAGE_FILE).write_text(json.dumps(stage))
-            if trainer_dir.is_dir():
-                shutil.move(str(trainer_dir), str(folder / TRAINER_STATE_DIR))
-
-        self.ctx.save_checkpoint(write, self.step_offset + step, float(state.epoch or 0.0), metrics, is_best)
-        if is_best and value is not None:
-            self.best = value
-        shutil.rmtree(trainer_dir, ignore_errors=True)
 
 
 def append_heldout_row(run_dir: Path, where: Mapping[str, Any], metrics: Mapping[str, float]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
 import secrets
 import time
@@ -42,7 +41,7 @@ from dramaturg.services.tts.voices import (
     Voice,
     VoiceRegistry,
     check_adapter_files,
-    check_voice_fields,
+    check_tts_voice_fields,
     check_voice_id,
     resolve_adapter_path,
 )
@@ -53,7 +52,7 @@ from dramaturg.shared.cancellation import ShouldStop, never_stop, run_cancellabl
 from dramaturg.shared.grpc.errors import ServiceError, echo, failed_precondition, invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
-from dramaturg.shared.model_service import ModelService, ModelServicer
+from dramaturg.shared.model_service import ModelService, ModelServicer, require_model_type
 from dramaturg.shared.store import ModelRecord
 from dramaturg.shared.validation import require_finite
 from dramaturg.tts.v1 import tts_pb2, tts_pb2_grpc
@@ -448,7 +447,7 @@ class TtsServicer(ModelServicer[LoadedTtsModel], tts_pb2_grpc.TextToSpeechServic
     async def AddVoice(self, request: tts_pb2.AddVoiceRequest, context: grpc.aio.ServicerContext):
         check_voice_id(request.voice_id)
         labels = dict(request.labels)
-        check_voice_fields(request.display_name, labels, request.speaker)
+        check_tts_voice_fields(request.display_name, labels, request.speaker)
         model = await self.model(request.model)
         if not request.overwrite:
             self.service.voices.check_new(request.voice_id)  # before paying for decoding and copying
@@ -540,22 +539,11 @@ class TtsService(ModelService):
 def require_servable(record: ModelRecord) -> None:
     """FAILED_PRECONDITION unless ``record`` is a CSM model: the tts store also holds what the recipes
     publish beside models (LoRA adapters, codecs), which load as voices or training inputs instead."""
-    config = record.path / "config.json"
-    try:
-        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except (OSError, ValueError):
-        kind = None
-    if kind == "csm":
-        return
     if (record.path / "adapter_config.json").is_file():
-        what, hint = "a LoRA adapter", f"add it as a voice: AddVoice with adapter_model {record.ref}"
+        hint = f"it is a LoRA adapter: add it as a voice (AddVoice with adapter_model {record.ref})"
     else:
-        what = f"a {kind} model" if kind else "not a model folder"
         hint = "name a CSM model (ListModels: architecture csm or tiny)"
-    raise failed_precondition(
-        f"tts model {record.ref} is {what}, not a CSM model this service can serve; {hint}",
-        reason="NOT_A_SERVABLE_MODEL",
-    )
+    require_model_type(record, "tts", "csm", "a CSM model", hint)
 
 
 def create_service(settings: TtsSettings | None = None) -> TtsService:

@@ -36,16 +36,10 @@ import numpy as np
 import soundfile as sf
 from dramaturg.shared.grpc.errors import already_exists, echo, invalid_argument, not_found
 from dramaturg.shared.store import atomic_write_json, fsync_dir
+from dramaturg.shared.voice.catalog import check_voice_fields, check_voice_id
 
 log = logging.getLogger(__name__)
 
-MAX_VOICE_ID_CHARS = 64
-# fullmatch: "$" alone also matches before a trailing newline
-VOICE_ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_VOICE_ID_CHARS}}}")
-MAX_DISPLAY_NAME_CHARS = 256
-MAX_LABELS = 32
-MAX_LABEL_KEY_CHARS = 63
-MAX_LABEL_VALUE_CHARS = 256
 MAX_SPEAKER_ID = 1_000  # CSM prompts "[speaker]"; real casts have a handful
 MAX_PATH_CHARS = 4096
 
@@ -88,35 +82,9 @@ class Voice:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def check_voice_id(voice_id: str, field_path: str = "voice_id") -> str:
-    """Refuse an id that is not 1-64 of ``A-Z a-z 0-9 _ . -`` (it names a file), quoting it bounded."""
-    if voice_id and VOICE_ID.fullmatch(voice_id):
-        return voice_id
-    rule = f"use 1–{MAX_VOICE_ID_CHARS} of A-Z a-z 0-9 _ . -"
-    if not voice_id:
-        raise invalid_argument(field_path, f"voice id is empty: {rule}")
-    if len(voice_id) > MAX_VOICE_ID_CHARS:
-        raise invalid_argument(field_path, f"voice id {echo(voice_id)} is too long; {rule}")
-    raise invalid_argument(field_path, f"{echo(voice_id)} is not a valid voice id: {rule}")
-
-
-def check_voice_fields(display_name: str, labels: dict[str, str], speaker: int) -> None:
-    """Bound what a voice stores, so one AddVoice cannot make every ListVoices huge."""
-    if len(display_name) > MAX_DISPLAY_NAME_CHARS:
-        raise invalid_argument(
-            "display_name", f"is {len(display_name)} characters long; at most {MAX_DISPLAY_NAME_CHARS}"
-        )
-    if len(labels) > MAX_LABELS:
-        raise invalid_argument("labels", f"{len(labels)} labels; at most {MAX_LABELS} are accepted")
-    for key, value in labels.items():
-        if not 0 < len(key) <= MAX_LABEL_KEY_CHARS:
-            raise invalid_argument(
-                "labels", f"label key {echo(key)} must be 1–{MAX_LABEL_KEY_CHARS} characters"
-            )
-        if len(value) > MAX_LABEL_VALUE_CHARS:
-            raise invalid_argument(
-                f"labels[{echo(key)}]", f"is {len(value)} characters; at most {MAX_LABEL_VALUE_CHARS}"
-            )
+def check_tts_voice_fields(display_name: str, labels: dict[str, str], speaker: int) -> None:
+    """Every voice's display name and labels rules, and a CSM speaker id in range."""
+    check_voice_fields(display_name, labels)
     if not 0 <= speaker <= MAX_SPEAKER_ID:
         raise invalid_argument("speaker", f"{speaker} is not a speaker id: use 0–{MAX_SPEAKER_ID}")
 
@@ -261,7 +229,7 @@ class VoiceRegistry:
     ) -> Voice:
         """Store ``voice`` with its reference audio and a copy of its adapter folder (see the module)."""
         check_voice_id(voice.voice_id)
-        check_voice_fields(voice.display_name, voice.labels, voice.speaker)
+        check_tts_voice_fields(voice.display_name, voice.labels, voice.speaker)
         folder = self.data_root / f"{voice.voice_id}.{uuid.uuid4().hex[:12]}"
         folder.mkdir()
         try:
