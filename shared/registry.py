@@ -47,7 +47,8 @@ class ServiceEntry:
     ``demo_config`` the train config (relative to the package folder) ``make demo`` runs when the
     model store has no model for the service — small, so a newcomer's first demo stays short;
     ``tiny_model`` a function ``(folder, home=None, *, seed=0)`` that writes an untrained tiny model
-    the service loads (the model-service contract test and smoke checks serve it).
+    the service loads (the model-service contract test and smoke checks serve it); ``evaluate`` the
+    service's evaluation command, ``main(argv) -> int`` (``dramaturg eval <service> ARGS``).
     """
 
     name: str
@@ -58,6 +59,7 @@ class ServiceEntry:
     description: str = ""
     demo_config: str = ""
     tiny_model: str = ""
+    evaluate: str = ""
 
     @property
     def is_model_service(self) -> bool:
@@ -68,6 +70,11 @@ class ServiceEntry:
 
     def load_settings_class(self) -> Any:
         return _resolve(self.settings)
+
+    def load_evaluate(self) -> Any:
+        if not self.evaluate:
+            raise ServiceNotBuilt(f"the {self.name} service names no evaluation command (.evaluate)")
+        return _resolve(self.evaluate)
 
     def load_tiny_model_writer(self) -> Any:
         if not self.tiny_model:

@@ -162,3 +162,13 @@ def test_the_stack_starts_a_service_only_for_a_servable_model(tmp_path: Path) ->
                               labels={"kind": "model"}) as folder:
         (folder / "config.json").write_text("{}")
     assert has_model(tmp_path, "tts")
+
+
+def test_eval_dispatches_to_the_services_own_command(capsys) -> None:
+    assert "evaluator" in [n for n, e in registry.registered().items() if e.evaluate]
+    assert main(["eval", "no-such-service"]) == 2
+    assert "has no evaluation command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the evaluator's own parser answers --help
+        main(["eval", "evaluator", "--help"])
+    assert exit_info.value.code == 0
+    assert "--from-results" in capsys.readouterr().out

@@ -5,8 +5,8 @@ one LoRA SFT run of the tiny evaluator on it (simple prompts, a few dimensions, 
 Checked: the training loss falls, every evaluation logs held-out MAE and Spearman per dimension plus
 their summaries, and the published model loads with ``load_evaluator`` and puts far more probability
 on a digit after ``<answer>`` than the untrained model (the answer format is learnt). ``peft: full``
-trains a step too, a second attempt resumes from the newest checkpoint, and the reserved peft names
-are refused.
+trains a step too, so do ``adalora``, ``ia3`` and ``qlora`` (each published merged), a second attempt
+resumes from the newest checkpoint, and the prompt-learning peft names are refused.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from dramaturg.services.evaluator import model as evaluator
 from dramaturg.services.evaluator.data import evaluator_dir, load_clip, load_split
 from dramaturg.services.evaluator.recipes import MONITORED, PRESETS_DIR, RECIPES
@@ -116,11 +117,40 @@ def test_recipes_and_presets_are_valid() -> None:
     assert (PRESETS_DIR / "cpu-quick.yaml").is_file() and RECIPES["cpu-quick"].defaults["device"] == "cpu"
 
 
-def test_reserved_peft_methods_are_refused(corpus: Path, tmp_path: Path) -> None:
-    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "peft": "ia3"})
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_methods_are_refused(method: str, corpus: Path, tmp_path: Path) -> None:
+    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "peft": method})
     with pytest.raises(ValueError, match="not implemented"):
         RECIPES["sft"].run(ctx)
     ctx.close()
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3", "qlora"])
+def test_each_peft_method_trains_and_publishes_a_merged_model(
+    method: str, corpus: Path, tmp_path: Path
+) -> None:
+    """A few steps of each method: finite loss, and the published folder is a plain Qwen2-Audio (adapter
+    merged: no adapter parameters) whose language model differs from the base it started from."""
+    overrides = {**RUN, "peft": method, "max_steps": 4, "eval_every": 0, "max_heldout_items": 1,
+                 "eval_at_start": False, "lora_modules_to_save": []}
+    if method == "ia3":
+        overrides["lr"] = 5e-2  # IA3's scales start at 1 and move slowly
+    ctx = inline_context(tmp_path, "sft", corpus, overrides, output_model=f"evaluator-{method}")
+    RECIPES["sft"].run(ctx)
+    ctx.close()
+    loss = metric_series(ctx.run_dir, "loss/train")
+    assert loss and all(math.isfinite(v) for v in loss.values())
+    record = ModelStore(tmp_path).resolve(SERVICE, f"evaluator-{method}")
+    assert record.labels["peft"] == method
+    published, _ = evaluator.load_evaluator(record.path)
+    names = [name for name, _ in published.named_parameters()]
+    assert not any(tag in name for name in names for tag in ("lora_", "ia3_", "base_layer"))
+    base, _ = evaluator.build_tiny_evaluator(seed=RUN.get("seed", 0))
+    changed = [name for name, param in published.named_parameters()
+               if not torch.allclose(param, base.get_parameter(name), atol=1e-6)]
+    assert changed and all(name.startswith("model.language_model.layers.") for name in changed), changed
+    if method == "ia3":  # scales on keys, values and the MLP's down projection only
+        assert all(name.endswith(("k_proj.weight", "v_proj.weight", "down_proj.weight")) for name in changed)
 
 
 def test_sft_loss_falls_and_heldout_metrics_are_logged(sft_run: RunContext) -> None:

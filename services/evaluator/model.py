@@ -350,6 +350,68 @@ def lora_config(
     )
 
 
+# IA3 (Liu et al. 2022): learnt scales on the keys, the values and the MLP's input to its down
+# projection, in the language model only; the down projection is the feed-forward module (its *input*
+# is scaled). Anchored like :data:`LORA_TARGET_MODULES`.
+IA3_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(k|v)_proj|mlp\.down_proj)"
+IA3_FEEDFORWARD_MODULES = r"model\.language_model\.layers\.\d+\.mlp\.down_proj"
+# peft methods whose adapters merge into the weights (a standalone folder, no peft at serving time)
+MERGEABLE_PEFT = ("lora", "qlora", "adalora", "ia3")
+
+
+def adalora_schedule(total_steps: int) -> dict[str, int]:
+    """AdaLoRA's budget schedule over a run: 10 % warm-up at full rank, the last 20 % at the final rank.
+
+    peft needs ``tinit < total_step − tfinal`` (a budgeting phase must exist); rank is reallocated
+    every ``deltaT`` steps in between.
+    """
+    total = max(3, int(total_steps))
+    tinit, tfinal = total // 10, max(1, total // 5)
+    return {"total_step": total, "tinit": tinit, "tfinal": tfinal, "deltaT": max(1, total // 20)}
+
+
+def peft_config(
+    method: str,
+    *,
+    rank: int = PRODUCTION_PRESET.lora_rank,
+    alpha: int = PRODUCTION_PRESET.lora_alpha,
+    dropout: float = PRODUCTION_PRESET.lora_dropout,
+    total_steps: int = 0,
+    modules_to_save: list[str] | None = None,
+) -> Any:
+    """The peft config of a method (``lora``/``qlora`` | ``adalora`` | ``ia3``), language model only.
+
+    ``qlora`` is LoRA over a 4-bit base (the quantisation is the loader's job, not the config's).
+    AdaLoRA starts every adapter at 1.5 × ``rank`` and prunes the budget down to ``rank`` over
+    ``total_steps`` (:func:`adalora_schedule`); it needs ``update_and_allocate`` after each optimizer
+    step (the recipe's callback does it).
+    """
+    from peft import AdaLoraConfig, IA3Config
+
+    if method in ("lora", "qlora"):
+        config = lora_config(rank, alpha, dropout)
+    elif method == "adalora":
+        config = AdaLoraConfig(
+            init_r=max(1, round(1.5 * rank)),
+            target_r=int(rank),
+            lora_alpha=int(alpha),
+            lora_dropout=float(dropout),
+            target_modules=LORA_TARGET_MODULES,
+            task_type="CAUSAL_LM",
+            **adalora_schedule(total_steps),
+        )
+    elif method == "ia3":
+        config = IA3Config(
+            target_modules=IA3_TARGET_MODULES,
+            feedforward_modules=IA3_FEEDFORWARD_MODULES,
+            task_type="CAUSAL_LM",
+        )
+    else:
+        raise ValueError(f"peft {method!r}: expected one of {', '.join(MERGEABLE_PEFT)}")
+    config.modules_to_save = list(modules_to_save) if modules_to_save else None
+    return config
+
+
 def apply_lora(model: Qwen2AudioForConditionalGeneration, **lora_kwargs: Any) -> Any:
     """``peft.get_peft_model`` with :func:`lora_config`: only the adapters train."""
     from peft import get_peft_model

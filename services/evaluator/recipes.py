@@ -5,13 +5,20 @@ answer ``<answer>N</answer>`` to one-dimension prompts, on the corpus's Speech-D
 (``evaluator/{realism,archetype}_{train,test}.jsonl``).
 
 * ``sft`` — TRL's ``SFTTrainer`` with the evaluator's collator (loss on the answer only). ``peft``
-  chooses what trains: ``lora`` (peft LoRA on the language model's attention and MLP projections only;
-  the audio encoder and projector stay frozen) or ``full`` (every weight but the encoder's frozen
-  position table). ``adalora``, ``ia3``, ``prefix`` and ``prompt`` are reserved names, not implemented
-  yet: a config naming one fails before training starts. ``target`` picks each row's answer:
-  ``per_rater`` (one rater's score drawn at random, as Speech-DRAME does) or ``mean`` (the raters'
-  mean, rounded). ``base_model`` "" trains the tiny evaluator (a random init; for tests and CPU
-  checks), otherwise a model-store ref, folder or hub id.
+  chooses what trains, always in the language model only (the audio encoder and projector stay
+  frozen): ``lora`` (peft LoRA on the attention and MLP projections), ``qlora`` (the same LoRA over a
+  4-bit NF4 base, bitsandbytes), ``adalora`` (LoRA whose rank budget is pruned from 1.5 × ``lora_r``
+  to ``lora_r`` during the run), ``ia3`` (learnt scales on keys, values and the MLP's down projection)
+  or ``full`` (every weight but the encoder's frozen position table). ``prefix`` and ``prompt``
+  (prompt-learning methods) are refused by name: their virtual tokens cannot be merged into the
+  weights, and this service publishes standalone merged models and scores without peft (see
+  README's design notes). ``target`` picks each row's answer: ``per_rater`` (one rater's score
+  drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). ``base_model`` ""
+  trains the tiny evaluator (a random init; for tests and CPU checks), otherwise a model-store ref,
+  folder or hub id.
+* ``grpo`` — TRL's ``GRPOTrainer`` subclassed (``grpo.py``) so that the audio reaches generation and
+  every log-probability pass; rewards ``accuracy``, ``format``, ``graded`` (1 − |Δ|/4) against the
+  raters' rounded mean. Start it from an SFT model (``base_model``).
 
 plus one recipe per ``presets/*.yaml`` (``cpu-quick``: the CPU learning check).
 
@@ -32,14 +39,16 @@ from typing import Any
 from dramaturg.shared.training.presets import LazyRecipe, presets_dir, recipes_with_presets
 
 PRESETS_DIR = presets_dir(__file__)
-PEFT_METHODS = ("lora", "full")  # implemented
-PLANNED_PEFT_METHODS = ("adalora", "ia3", "prefix", "prompt")  # accepted names, refused when a run starts
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "full")
+# Speech-DRAME's prompt-learning methods: named so a config gets a reason, refused when a run starts
+PLANNED_PEFT_METHODS = ("prefix", "prompt")
 TARGETS = ("per_rater", "mean")
 ITEM_SETS = ("realism", "archetype", "both")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MONITORED = "heldout/spearman"
 ARCHITECTURE = "qwen2-audio"
 SFT = "dramaturg.services.evaluator.train:run_sft"
+GRPO = "dramaturg.services.evaluator.train:run_grpo"
 
 COMMON_DEFAULTS: dict[str, Any] = {
     # --- model
@@ -61,6 +70,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "gradient_accumulation": 1,
     "bf16": False,
+    "gradient_checkpointing": False,
     # --- LoRA (peft lora)
     "lora_r": 16,
     "lora_alpha": 32,
@@ -79,7 +89,22 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 SFT_DEFAULTS: dict[str, Any] = {
-    "peft": "lora",  # lora | full (adalora | ia3 | prefix | prompt: not implemented yet)
+    "peft": "lora",  # lora | qlora | adalora | ia3 | full
+}
+
+GRPO_DEFAULTS: dict[str, Any] = {
+    "peft": "lora",
+    "lr": 1e-5,
+    "max_steps": 200,
+    "batch_size": 8,  # completions per step: a multiple of num_generations
+    "num_generations": 4,  # completions sampled per prompt (one GRPO group)
+    "max_completion_length": 16,  # tokens; <answer>N</answer> and the end of the turn fit
+    "temperature": 1.0,
+    "beta": 0.04,  # KL to the reference (the start model)
+    "num_iterations": 1,
+    "loss_type": "dapo",  # TRL's default
+    "rewards": ["accuracy", "format", "graded"],
+    "reward_weights": [],  # [] = 1 each
 }
 
 
@@ -90,6 +115,13 @@ def _base_recipes() -> list[LazyRecipe]:
             "SFT of Qwen2-Audio to answer <answer>N</answer> per dimension (peft: lora | full)",
             {**COMMON_DEFAULTS, **SFT_DEFAULTS},
             SFT,
+            architecture=ARCHITECTURE,
+        ),
+        LazyRecipe(
+            "grpo",
+            "GRPO of an SFT evaluator with audio in every pass (rewards accuracy, format, graded)",
+            {**COMMON_DEFAULTS, **GRPO_DEFAULTS},
+            GRPO,
             architecture=ARCHITECTURE,
         ),
     ]

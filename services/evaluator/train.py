@@ -35,6 +35,7 @@ import copy
 import math
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.training import RunContext
 from dramaturg.shared.training.hf_bridge import BRIDGE_ARGUMENTS, RunContextCallback, attach, resume_path
 from dramaturg.shared.training.selection import Monitor, publish_best
+from transformers import TrainerCallback
 
 from .collate import EvaluatorCollator
 from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, sft_rows
-from .model import build_tiny_evaluator, load_evaluator, lora_config, save_evaluator
-from .prompts import PROMPTS_LABEL, item_dimensions, prompt_style
+from .model import MERGEABLE_PEFT, build_tiny_evaluator, load_evaluator, peft_config, save_evaluator
+from .prompts import PROMPTS_LABEL, item_dimensions, item_prompt, prompt_style
 from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, PLANNED_PEFT_METHODS, SCHEDULES, TARGETS
 
 MONITOR = Monitor(MONITORED, "max")
@@ -91,21 +93,72 @@ def base_source(ctx: RunContext, cfg: Mapping[str, Any]) -> str:
     return value  # a hub id
 
 
-def build_model(ctx: RunContext, cfg: Mapping[str, Any]) -> tuple[Any, Any, str]:
-    """(model to train, processor, where the base came from): the base with LoRA, or the base itself."""
+def quantization_config(cfg: Mapping[str, Any]) -> Any:
+    """QLoRA's 4-bit NF4 base (double quantisation), language model only.
+
+    The audio encoder, the projector and the LM head stay in the compute dtype: the encoder is frozen
+    and small beside the 7 B decoder, and the digits' logits are what the scores are made of.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cfg["bf16"] else torch.float32,
+        llm_int8_skip_modules=["audio_tower", "multi_modal_projector", "lm_head"],
+    )
+
+
+def base_folder(ctx: RunContext, cfg: Mapping[str, Any]) -> str:
+    """A folder or hub id the base loads from; the tiny model is written into the run first (QLoRA
+    quantises while loading, and publishing reloads the base in full precision to merge into)."""
     source = base_source(ctx, cfg)
     if source:
-        dtype = torch.bfloat16 if cfg["bf16"] else None
-        base, processor = load_evaluator(source, dtype=dtype)
+        return source
+    folder = ctx.run_dir / "base"
+    if not (folder / "config.json").is_file():
+        model, processor = build_tiny_evaluator(seed=int(cfg["seed"]))
+        save_evaluator(model, processor, folder)
+    return str(folder)
+
+
+def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[Any, Any, str]:
+    """(model to train, processor, where the base came from): the base with its adapter, or the base.
+
+    ``peft`` lora | adalora | ia3 wrap the base with peft; ``qlora`` loads it 4-bit (bitsandbytes)
+    first, then LoRA; ``full`` trains the base itself. The model is on ``device``.
+    """
+    method = str(cfg["peft"])
+    source = base_source(ctx, cfg)
+    dtype = torch.bfloat16 if cfg["bf16"] else None
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        source = base_folder(ctx, cfg)
+        device_map = {"": torch.device(device).index or 0} if device.startswith("cuda") else None
+        base, processor = load_evaluator(source, quantization_config=quantization_config(cfg),
+                                         device_map=device_map)
+        checkpointing = bool(cfg["gradient_checkpointing"])
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
+    elif source:
+        base, processor = load_evaluator(source, dtype=dtype, device=device)
     else:
         base, processor = build_tiny_evaluator(seed=int(cfg["seed"]))
-    if cfg["peft"] == "lora":
+        base.to(device)
+    if method in MERGEABLE_PEFT:
         from peft import get_peft_model
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
-            config = lora_config(int(cfg["lora_r"]), int(cfg["lora_alpha"]), float(cfg["lora_dropout"]))
-            config.modules_to_save = [str(m) for m in cfg["lora_modules_to_save"]] or None
+            config = peft_config(
+                method,
+                rank=int(cfg["lora_r"]),
+                alpha=int(cfg["lora_alpha"]),
+                dropout=float(cfg["lora_dropout"]),
+                total_steps=int(cfg["max_steps"]),
+                modules_to_save=[str(m) for m in cfg["lora_modules_to_save"]],
+            )
             model = get_peft_model(base, config)
     else:
         model = base
@@ -114,17 +167,41 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any]) -> tuple[Any, Any, str]
 
 
 def standalone(model: Any) -> Any:
-    """The model as :func:`load_evaluator` reads it: a copy with the LoRA merged in, or the model itself."""
+    """The model as :func:`load_evaluator` reads it: a copy with the adapter merged in, or the model."""
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     return model
 
 
-def evaluator_writer(model: Any, processor: Any) -> Any:
+def merged_over_full_precision(model: Any, base: str) -> Any:
+    """A QLoRA model as a standalone one: the trained adapter merged into the base loaded unquantised.
+
+    Merging into the 4-bit weights would publish a quantised model (and its rounding); the adapter
+    was trained against the dequantised weights, so it goes onto the full-precision base instead.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    full, _ = load_evaluator(base)
+    config = copy.deepcopy(model.peft_config["default"])
+    target = get_peft_model(full, config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
+    set_peft_model_state_dict(target, state)
+    return target.merge_and_unload()
+
+
+def evaluator_writer(model: Any, processor: Any, *, qlora_base: str | None = None) -> Any:
     def write(folder: Path, metrics: Mapping[str, float]) -> None:
-        save_evaluator(standalone(model), processor, folder)
+        merged = merged_over_full_precision(model, qlora_base) if qlora_base else standalone(model)
+        save_evaluator(merged, processor, folder)
 
     return write
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA's rank reallocation after every optimizer step (peft leaves the call to the loop)."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+        model.base_model.update_and_allocate(state.global_step)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -191,48 +268,39 @@ def heldout_metrics(
     metrics["heldout/mae"] = float(np.mean(maes)) if maes else math.nan
     metrics[MONITORED] = float(np.mean(rhos)) if rhos else math.nan
     metrics["heldout/digit_mass"] = float(np.mean(masses)) if masses else math.nan
+    metrics.update(score_histogram([s for pred in predicted.values() for s in pred]))
     return metrics
 
 
-# ========================================================================================= the recipe
+def score_histogram(scores: Sequence[float]) -> dict[str, float]:
+    """The share of held-out predictions per rounded score 1..5, and their spread.
+
+    What GRPO with a graded reward does from a weak start is collapse every answer to the middle
+    score: the training reward rises while ``heldout/predicted/3`` goes to 1 and ``heldout/predicted_std``
+    to 0. Logged at every evaluation, for SFT too (the baseline to compare against).
+    """
+    if not scores:
+        return {}
+    values = np.asarray(scores, dtype=np.float64)
+    rounded = np.clip(np.floor(values + 0.5), 1, 5).astype(int)
+    shares = {f"heldout/predicted/{k}": float(np.mean(rounded == k)) for k in range(1, 6)}
+    return shares | {"heldout/predicted_std": float(values.std())}
 
 
-def sft_config(ctx: RunContext, cfg: Mapping[str, Any], batch_size: int, device: str) -> Any:
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(ctx.run_dir / "hf-trainer"),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=max(1, int(cfg["gradient_accumulation"])),
-        max_steps=int(cfg["max_steps"]),
-        learning_rate=float(cfg["lr"]),
-        lr_scheduler_type=str(cfg["schedule"]),
-        warmup_steps=float(cfg["warmup"]),  # < 1: a share of max_steps
-        weight_decay=float(cfg["weight_decay"]),
-        max_grad_norm=float(cfg["max_grad_norm"]),
-        optim="adamw_torch",
-        logging_steps=max(1, int(cfg["log_every"])),
-        seed=int(cfg["seed"]),
-        data_seed=int(cfg["seed"]),
-        dataloader_num_workers=0,
-        remove_unused_columns=False,  # the collator needs the raw columns
-        dataset_kwargs={"skip_prepare_dataset": True},  # TRL would tokenise the prompt without the audio
-        max_length=None,
-        use_cpu=device == "cpu",
-        bf16=bool(cfg["bf16"]),
-        **BRIDGE_ARGUMENTS,  # the bridge decides when to evaluate and save
-    )
+# ========================================================================================= the recipes
 
 
-def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
-    """Recipe ``sft``: JSONL → SFT rows → SFTTrainer + bridge → held-out scores → the best one published."""
-    from datasets import Dataset
-    from trl import SFTTrainer
+@dataclass
+class Corpus:
+    """A run's items (training and held out) and every clip they name, read once."""
 
-    cfg = dict(ctx.config if cfg is None else cfg)
-    _check(cfg)
-    if int(cfg["torch_threads"]) > 0:
-        torch.set_num_threads(int(cfg["torch_threads"]))
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    clips: dict[str, np.ndarray]
+    dimensions: list[str] | None
+
+
+def load_corpus(ctx: RunContext, cfg: Mapping[str, Any]) -> Corpus:
     if ctx.dataset_path is None:
         raise ValueError(f"dataset {ctx.dataset_uri!r}: the evaluator trains from a local corpus folder")
     folder = evaluator_dir(ctx.dataset_path)
@@ -245,60 +313,195 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     if not train_items:
         raise ValueError(f"{folder}: no training items for item_set {cfg['item_set']!r}")
     dimensions = [str(d) for d in cfg["dimensions"]] or None
-    detailed = bool(cfg["detailed"])
-    rows = sft_rows(train_items, target=str(cfg["target"]), seed=int(cfg["seed"]), detailed=detailed,
-                    dimensions=dimensions)
-    if not rows:
-        raise ValueError(f"no training rows: no item has any of the dimensions {dimensions}")
-    clips = load_clips(folder, [*train_items, *held_items])
+    return Corpus(train_items, held_items, load_clips(folder, [*train_items, *held_items]), dimensions)
 
-    model, processor, source = build_model(ctx, cfg)
-    device = device_of(cfg)
-    batch_size = max(1, min(int(cfg["batch_size"]), len(rows)))
-    args = sft_config(ctx, cfg, batch_size, device)
-    model.to(args.device)
+
+def trainer_arguments(
+    ctx: RunContext, cfg: Mapping[str, Any], batch_size: int, device: str
+) -> dict[str, Any]:
+    """The TrainingArguments SFTConfig and GRPOConfig share (the bridge decides evaluation and saving)."""
+    return {
+        "output_dir": str(ctx.run_dir / "hf-trainer"),
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": max(1, int(cfg["gradient_accumulation"])),
+        "max_steps": int(cfg["max_steps"]),
+        "learning_rate": float(cfg["lr"]),
+        "lr_scheduler_type": str(cfg["schedule"]),
+        "warmup_steps": float(cfg["warmup"]),  # < 1: a share of max_steps
+        "weight_decay": float(cfg["weight_decay"]),
+        "max_grad_norm": float(cfg["max_grad_norm"]),
+        "optim": "adamw_torch",
+        "logging_steps": max(1, int(cfg["log_every"])),
+        "seed": int(cfg["seed"]),
+        "data_seed": int(cfg["seed"]),
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,  # the collator / the audio trainer needs the raw columns
+        "use_cpu": device == "cpu",
+        "bf16": bool(cfg["bf16"]),
+        "gradient_checkpointing": bool(cfg["gradient_checkpointing"]),
+        **BRIDGE_ARGUMENTS,
+    }
+
+
+def sft_config(ctx: RunContext, cfg: Mapping[str, Any], batch_size: int, device: str) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_arguments(ctx, cfg, batch_size, device),
+        dataset_kwargs={"skip_prepare_dataset": True},  # TRL would tokenise the prompt without the audio
+        max_length=None,
+    )
+
+
+def grpo_config(ctx: RunContext, cfg: Mapping[str, Any], batch_size: int, device: str) -> Any:
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        **trainer_arguments(ctx, cfg, batch_size, device),
+        num_generations=int(cfg["num_generations"]),
+        max_completion_length=int(cfg["max_completion_length"]),
+        temperature=float(cfg["temperature"]),
+        beta=float(cfg["beta"]),
+        num_iterations=int(cfg["num_iterations"]),
+        loss_type=str(cfg["loss_type"]),
+        reward_weights=[float(w) for w in cfg["reward_weights"]] or None,
+    )
+
+
+def _train(ctx: RunContext, cfg: Mapping[str, Any], corpus: Corpus, model: Any, processor: Any,
+           source: str, make_trainer: Any, describe: str) -> None:
+    """What SFT and GRPO share: the bridge, resume, held-out evaluation, training, publishing."""
+    detailed = bool(cfg["detailed"])
+    qlora_base = source if cfg["peft"] == "qlora" else None
 
     def evaluate(step: int, epoch: float) -> dict[str, float]:
-        return heldout_metrics(model, processor, held_items, clips, detailed=detailed, dimensions=dimensions)
+        return heldout_metrics(model, processor, corpus.heldout, corpus.clips, detailed=detailed,
+                               dimensions=corpus.dimensions)
 
     previous = ctx.checkpoints()
     bridge = RunContextCallback(
         ctx,
         monitor=MONITOR,
-        evaluate=evaluate if held_items else None,
+        evaluate=evaluate if corpus.heldout else None,
         eval_every=int(cfg["eval_every"]),
-        write_artifact=evaluator_writer(model, processor),
+        write_artifact=evaluator_writer(model, processor, qlora_base=qlora_base),
         best=MONITOR.best_of(previous),
+        log_prefix="train/",
     )
-    trainer = attach(
-        SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            data_collator=WithAudio(EvaluatorCollator(processor), clips),
-            processing_class=processor,
-        ),
-        bridge,
-    )
+    trainer = attach(make_trainer(), bridge)
+    if cfg["peft"] == "adalora":
+        trainer.add_callback(AdaLoraBudget())
     trainable, total = count_parameters(model)
-    ctx.log(
-        f"sft ({cfg['peft']}) from {source}: {trainable:,} of {total:,} parameters trained, "
-        f"{len(train_items)} training items ({len(rows)} rows, target {cfg['target']}), "
-        f"{len(held_items)} held-out items, {cfg['max_steps']} steps of {batch_size} on {args.device}"
-    )
-    if not held_items:
+    ctx.log(f"{describe} ({cfg['peft']}) from {source}: {trainable:,} of {total:,} parameters trained, "
+            f"{len(corpus.train)} training items, {len(corpus.heldout)} held-out items, "
+            f"{cfg['max_steps']} steps on {trainer.args.device}")
+    if not corpus.heldout:
         ctx.log("no held-out item, so nothing to measure: the newest checkpoint is published", "WARNING")
     resume = previous[-1] if previous else None
     if resume is not None:
         ctx.log(f"resuming from {resume.checkpoint_id}")
-    elif held_items and cfg["eval_at_start"]:
+    elif corpus.heldout and cfg["eval_at_start"]:
         bridge.evaluate(0, 0.0)  # before train() seeds the Trainer: scoring does not shift its RNG
     trainer.train(resume_from_checkpoint=resume_path(resume.path) if resume is not None else None)
     shutil.rmtree(ctx.run_dir / "hf-trainer", ignore_errors=True)
     if ctx.cancelled():
         ctx.log("stopped before the end; nothing published", "WARNING")
         return
-    labels = {"peft": str(cfg["peft"]), "base": source, PROMPTS_LABEL: prompt_style(bool(cfg["detailed"]))}
+    labels = {"peft": str(cfg["peft"]), "base": source, PROMPTS_LABEL: prompt_style(detailed)}
     record = publish_best(ctx, architecture=ARCHITECTURE, labels=labels)
     chosen = record.metrics.get(MONITORED, math.nan)
     ctx.log(f"published {record.ref}: held-out mean Spearman {chosen:.3f}")
+
+
+def _prepare(ctx: RunContext, cfg: Mapping[str, Any]) -> tuple[Corpus, str]:
+    _check(cfg)
+    if int(cfg["torch_threads"]) > 0:
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    return load_corpus(ctx, cfg), device_of(cfg)
+
+
+def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
+    """Recipe ``sft``: JSONL → SFT rows → SFTTrainer + bridge → held-out scores → the best one published."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    cfg = dict(ctx.config if cfg is None else cfg)
+    corpus, device = _prepare(ctx, cfg)
+    rows = sft_rows(corpus.train, target=str(cfg["target"]), seed=int(cfg["seed"]),
+                    detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
+    if not rows:
+        raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
+    model, processor, source = build_model(ctx, cfg, device)
+    batch_size = max(1, min(int(cfg["batch_size"]), len(rows)))
+    args = sft_config(ctx, cfg, batch_size, device)
+
+    def make_trainer() -> Any:
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            data_collator=WithAudio(EvaluatorCollator(processor), corpus.clips),
+            processing_class=processor,
+        )
+
+    _train(ctx, cfg, corpus, model, processor, source, make_trainer,
+           f"sft on {len(rows)} rows (target {cfg['target']}), batch {batch_size}")
+
+
+def grpo_rows(items: Sequence[Mapping[str, Any]], *, detailed: bool,
+              dimensions: Sequence[str] | None) -> list[dict[str, Any]]:
+    """One GRPO row per item and dimension: the prompt, the clip, the rounded raters' mean to reward."""
+    rows = []
+    for item in items:
+        for dimension in dimensions or item_dimensions(item):
+            if dimension not in item_dimensions(item):
+                continue
+            mean = rater_mean(item, dimension)
+            rows.append({
+                "id": item["id"],
+                "dimension": dimension,
+                "prompt": item_prompt(item, dimension, detailed=detailed),
+                "wav_path": str(item["wav_path"]),
+                "reference": int(min(5, max(1, math.floor(mean + 0.5)))),
+            })
+    return rows
+
+
+def run_grpo(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
+    """Recipe ``grpo``: JSONL → prompts → :class:`.grpo.AudioGRPOTrainer` + bridge → the best one published.
+
+    Start from an SFT model (``base_model``: its store ref or folder): from a model that has not learnt
+    the answer format every reward is 0, every group's advantage is 0 and nothing moves.
+    """
+    from datasets import Dataset
+
+    from .grpo import AudioGRPOTrainer, reward_functions
+
+    cfg = dict(ctx.config if cfg is None else cfg)
+    corpus, device = _prepare(ctx, cfg)
+    rewards = reward_functions([str(r) for r in cfg["rewards"]])
+    if cfg["reward_weights"] and len(cfg["reward_weights"]) != len(rewards):
+        raise ValueError(f"reward_weights {cfg['reward_weights']}: one weight per reward {cfg['rewards']}")
+    rows = grpo_rows(corpus.train, detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
+    if not rows:
+        raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
+    generations = int(cfg["num_generations"])
+    batch_size = int(cfg["batch_size"])
+    if generations < 2 or batch_size % generations:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of num_generations {generations} "
+                         "(≥ 2): each prompt's completions are compared within their group")
+    model, processor, source = build_model(ctx, cfg, device)
+    args = grpo_config(ctx, cfg, batch_size, device)
+
+    def make_trainer() -> Any:
+        return AudioGRPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=processor,
+            reward_funcs=rewards,
+            clips=corpus.clips,
+        )
+
+    _train(ctx, cfg, corpus, model, processor, source, make_trainer,
+           f"grpo on {len(rows)} prompts × {generations} completions, rewards {'+'.join(cfg['rewards'])}")

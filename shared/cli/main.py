@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from dramaturg.shared.cli import data, jobs, models, serve, stack, train
+from dramaturg.shared.cli import data, evaluate, jobs, models, serve, stack, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, serve, stack, jobs, models, train):
+    for module in (data, serve, stack, jobs, models, train, evaluate):
         module.register(sub)
     return parser
 
