@@ -41,17 +41,22 @@ def _clips(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {f"c{i}.wav": (0.1 * rng.standard_normal(16_000 * SECONDS)).astype(np.float32) for i in range(n)}
 
 
-def _trainer(tmp_path: Path, cls: type = AudioGRPOTrainer, *, beta: float = 0.04, **kwargs: Any) -> Any:
+def _trainer(tmp_path: Path, cls: type = AudioGRPOTrainer, *, beta: float = 0.04,
+             config: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """A GRPO trainer over a LoRA'd tiny evaluator and 4 rows (``config``: GRPOConfig overrides)."""
     from peft import get_peft_model
 
     model, processor = evaluator.build_tiny_evaluator(seed=0)
     model = get_peft_model(model, evaluator.lora_config(8, 16, 0.0))
     prompt = build_prompt("pitch_variation", "", detailed=False)
     rows = [{"prompt": prompt, "wav_path": f"c{i}.wav", "reference": i % 5 + 1} for i in range(4)]
-    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                      max_completion_length=6, max_steps=2, learning_rate=1e-3, use_cpu=True,
-                      report_to="none", logging_steps=1, save_strategy="no", beta=beta,
-                      remove_unused_columns=False, disable_tqdm=True, seed=0)
+    settings: dict[str, Any] = {
+        "output_dir": str(tmp_path / "grpo"), "per_device_train_batch_size": 4, "num_generations": 2,
+        "max_completion_length": 6, "max_steps": 2, "learning_rate": 1e-3, "use_cpu": True,
+        "report_to": "none", "logging_steps": 1, "save_strategy": "no", "beta": beta,
+        "remove_unused_columns": False, "disable_tqdm": True, "seed": 0,
+    }
+    args = GRPOConfig(**(settings | (config or {})))
     return cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
                reward_funcs=reward_functions(["format", "graded"]), **kwargs)
 
