@@ -9,6 +9,7 @@ labelled script, and a voice enrolled from one turn's audio is found again in th
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import grpc
@@ -97,7 +98,12 @@ def test_analyze_scene_through_the_gateway(dramaturg_home: Path, scene) -> None:
     assert final.state == gateway_pb2.SUCCEEDED, final.error
     stages = {s.name: s for s in final.stages}
     assert [stages[n].service for n in ("diarize", "identify")] == ["diarization", "speaker"]
-    assert all(s.state == gateway_pb2.STAGE_SUCCEEDED for s in stages.values())
+    assert all(stages[n].state == gateway_pb2.STAGE_SUCCEEDED for n in ("decode", "diarize", "identify"))
+    # no audiollm or evaluator endpoint: transcription and scoring are skipped, and the job says why
+    for name, service in (("transcribe", "audiollm"), ("score", "evaluator")):
+        assert stages[name].state == gateway_pb2.STAGE_SKIPPED
+        reason = json_format.MessageToDict(stages[name].output)["skipped"]
+        assert f"no endpoint for the {service} service" in reason
     # the gateway's default: the services read the scene from its blob store, nobody sent it inline
     for name in ("diarize", "identify"):
         assert json_format.MessageToDict(stages[name].output)["audio_transport"] == "uri"
@@ -105,6 +111,7 @@ def test_analyze_scene_through_the_gateway(dramaturg_home: Path, scene) -> None:
     assert result["rttm"] == direct.rttm
     assert sorted(result["speakers"]) == sorted(direct.speakers)
     assert result["diarization_model"] == "tiny-diarization:v1"
+    assert sorted(result["skipped_stages"]) == ["score", "transcribe"]
     script = {(line["start"], line["end"]): line for line in result["script"]}
     assert len(script) == len(direct.exclusive_turns)
     for label, span in enrolled.items():
@@ -115,3 +122,103 @@ def test_analyze_scene_through_the_gateway(dramaturg_home: Path, scene) -> None:
     # every speaker that got a name got it from votes of its own turns
     for label, voice in result["speaker_names"].items():
         assert any(line["speaker"] == label and line["turn_voice_id"] == voice for line in result["script"])
+
+
+def test_analyze_scene_whole_transcribes_and_scores_every_line(dramaturg_home: Path, scene) -> None:
+    """All four services: each named line of the script comes back with the audio LLM's transcript
+    and the evaluator's realism scores — the services' own answers for that line's audio and context."""
+    from dramaturg.audiollm.v1 import audiollm_pb2, audiollm_pb2_grpc
+    from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+    from dramaturg.services.audiollm.config import AudioLlmSettings
+    from dramaturg.services.audiollm.server import AudioLlmService
+    from dramaturg.services.evaluator.config import EvaluatorSettings
+    from dramaturg.services.evaluator.server import EvaluatorService
+    from test_audiollm_server import publish_tiny as publish_audiollm
+    from test_evaluator_server import publish_tiny as publish_evaluator
+
+    content, samples, rate = scene
+    publish_diarization(dramaturg_home, "tiny-diarization")
+    publish_speaker(dramaturg_home)
+    publish_audiollm(dramaturg_home, "tiny-audiollm")
+    publish_evaluator(dramaturg_home, "tiny-evaluator")
+    characters = {"captain": {"profile": "a retired sea captain", "style": "gruff", "age": "60"}}
+    with (
+        ServerThread(DiarizationService(DiarizationSettings(), home=dramaturg_home)) as diarization,
+        ServerThread(SpeakerService(SpeakerSettings(min_seconds=0.5), home=dramaturg_home)) as speaker,
+        ServerThread(AudioLlmService(AudioLlmSettings(), home=dramaturg_home)) as audiollm,
+        ServerThread(EvaluatorService(EvaluatorSettings(), home=dramaturg_home)) as evaluator,
+    ):
+        with grpc.insecure_channel(speaker.target) as channel:  # the job names speakers against these
+            speaker_pb2_grpc.SpeakerStub(channel).Enroll(
+                speaker_pb2.EnrollRequest(voice_id="captain", audio=[_clip(samples, rate, 0.0, 3.0)]),
+                timeout=60)
+        services = {"diarization": diarization.target, "speaker": speaker.target,
+                    "audiollm": audiollm.target, "evaluator": evaluator.target}
+        settings = GatewaySettings(api_token="t", services=services)
+        audio = common_pb2.AudioInput(encoding=common_pb2.WAV, content=content)
+        with (
+            ServerThread(GatewayService(settings, home=dramaturg_home)) as gw,
+            grpc.insecure_channel(gw.target) as channel,
+        ):
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            request = gateway_pb2.SubmitJobRequest(pipeline="analyze_scene", audio=audio)
+            request.params.update({"uri": URI, "min_segment_seconds": 0.5, "max_transcript_tokens": 4,
+                                   "scene": "a storm at sea", "characters": characters,
+                                   "dimensions": ["pitch_variation", "emotion_accuracy"]})
+            job = stub.SubmitJob(request, metadata=AUTH, timeout=30)
+            events = list(stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job.job_id), metadata=AUTH,
+                                        timeout=600))
+            bad = gateway_pb2.SubmitJobRequest(pipeline="analyze_scene", audio=audio)
+            bad.params.update({"characters": {"v": {"mood": "grim"}}})
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.SubmitJob(bad, metadata=AUTH, timeout=30)
+        final = events[-1].job
+        assert final.state == gateway_pb2.SUCCEEDED, final.error
+        stages = {s.name: s for s in final.stages}
+        assert all(s.state == gateway_pb2.STAGE_SUCCEEDED for s in stages.values())
+        result = json_format.MessageToDict(final.result)
+        lines = [t for t in result["script"] if t["end"] - t["start"] >= 0.5]
+        assert lines and result["skipped_stages"] == {}
+        assert result["transcription_model"] == "tiny-audiollm:v1"
+        assert result["evaluator_model"] == "tiny-evaluator:v1"
+        # the gateway's answers are the services' own for the same line (first line checked directly)
+        line = lines[0]
+        span = common_pb2.TimeSpan(start=line["start"], end=line["end"])
+        with grpc.insecure_channel(audiollm.target) as channel:
+            direct = audiollm_pb2_grpc.AudioLLMStub(channel).Generate(
+                audiollm_pb2.GenerateRequest(audio=audio, span=span, task=audiollm_pb2.TRANSCRIBE,
+                                             generation=audiollm_pb2.GenerationConfig(max_new_tokens=4)),
+                timeout=120)
+        assert line["text"] == direct.text
+        # a line longer than the evaluator's 5-s window is scored in equal pieces, weighted by duration
+        assert all(t["pieces"] == math.ceil((t["end"] - t["start"]) / 5.0 - 1e-9) for t in lines)
+        described = characters.get(line["voice_id"], {})
+        who = (f"the character {line['voice_id']}" if line["voice_id"]
+               else f"an unidentified speaker ({line['speaker']})")
+        context = evaluator_pb2.RoleContext(local_scene="a storm at sea",
+                                            char_style=described.get("style", "not described"),
+                                            char_profile=described.get("profile", who),
+                                            char_age=described.get("age", ""))
+        pieces = int(line["pieces"])  # a Struct number: a float
+        step = (line["end"] - line["start"]) / pieces
+        expected = {"pitch_variation": 0.0, "emotion_accuracy": 0.0}
+        with grpc.insecure_channel(evaluator.target) as channel:
+            for i in range(pieces):
+                end = line["end"] if i == pieces - 1 else line["start"] + (i + 1) * step
+                piece = common_pb2.TimeSpan(start=line["start"] + i * step, end=end)
+                scored = evaluator_pb2_grpc.EvaluatorStub(channel).Evaluate(
+                    evaluator_pb2.EvaluateRequest(audio=audio, span=piece, rubric=evaluator_pb2.REALISM,
+                                                  dimensions=list(expected), context=context), timeout=120)
+                share = (piece.end - piece.start) / (line["end"] - line["start"])
+                for s in scored.scores:
+                    expected[s.dimension] += s.score * share
+    assert line["scores"] == pytest.approx(expected, abs=1e-3)
+    assert line["mean_score"] == pytest.approx(sum(expected.values()) / 2, abs=1e-3)
+    assert all(set(t["scores"]) == {"pitch_variation", "emotion_accuracy"} and "text" in t for t in lines)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mood" in refused.value.details()
+    markdown = result["script_markdown"].splitlines()
+    assert markdown[0].startswith("| time | speaker") and len(markdown) == 2 + len(result["script"])
+    # progress events came from the per-line stages
+    progress = [e.message for e in events if e.kind == gateway_pb2.STAGE_PROGRESS]
+    assert any(m.startswith("transcribed line") for m in progress)
+    assert any(m.startswith("scored piece") for m in progress)

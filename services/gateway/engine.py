@@ -35,6 +35,7 @@ import grpc
 from dramaturg.common.v1 import common_pb2
 from dramaturg.gateway.v1 import gateway_pb2
 from dramaturg.services.gateway.pipelines import (
+    GATEWAY,
     SAMPLE_RATE,
     AudioTransport,
     JobAudio,
@@ -573,6 +574,15 @@ class JobEngine:
             return
         self._finish(job, S.SUCCEEDED, "succeeded", result)
 
+    def _skip_reason(self, stage_spec: StageSpec) -> str:
+        """Why an optional stage cannot run here ("" when it can): its service has no endpoint."""
+        service = stage_spec.service
+        endpoints = getattr(self.channels, "endpoints", {})
+        if not stage_spec.optional or service == GATEWAY or endpoints.get(service):
+            return ""
+        return (f"the gateway has no endpoint for the {service} service (set services.{service} in its "
+                "config; dramaturg up does this for every service with a model)")
+
     async def _run_stage(
         self,
         job: gateway_pb2.Job,
@@ -585,6 +595,14 @@ class JobEngine:
         inputs: dict[str, dict],
     ) -> dict:
         name = stage_spec.name
+        reason = self._skip_reason(stage_spec)
+        if reason:
+            output = {"skipped": reason}
+            stage.state = S.STAGE_SKIPPED
+            stage.output.CopyFrom(_struct(output))
+            stage.finished_at.CopyFrom(_now())
+            self._save(job, S.STAGE_STATE_CHANGED, name, f"skipped: {reason}")
+            return output
         first_attempt = stage.attempts + 1
         for attempt in range(first_attempt, first_attempt + stage_spec.max_attempts):
             stage.attempts = attempt

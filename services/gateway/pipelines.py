@@ -130,6 +130,9 @@ class StageSpec:
     timeout_seconds: float = 120.0
     max_attempts: int = 3
     audio: StageAudio = ""  # lets the gateway refuse at submit what an inline request cannot carry
+    # An optional stage is skipped (STAGE_SKIPPED, the reason in its output) when the gateway has no
+    # endpoint for its service; the job goes on without it. Required stages fail the job instead.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,8 @@ class PipelineSpec:
                 )
         if "segments" in params:
             parse_segments(params["segments"])
+        if "characters" in params:
+            parse_characters(params["characters"])
 
     def check_inline(self, audio_seconds: float, num_samples: int, params: dict[str, Any],
                      transport: AudioTransport) -> None:
@@ -227,6 +232,29 @@ def parse_segments(given: Any) -> list[list[float]]:
             raise invalid_argument(f"params.segments[{i}]", "needs 0 ≤ start < end")
         segments.append([float(seg[0]), float(seg[1])])
     return segments
+
+
+# What the evaluator's realism rubric knows about a character (RoleContext's fields).
+CHARACTER_FIELDS = ("profile", "style", "age")
+
+
+def parse_characters(given: Any) -> dict[str, dict[str, str]]:
+    """The ``characters`` parameter: voice id → {profile, style, age} (strings), or INVALID_ARGUMENT."""
+    if not isinstance(given, dict):
+        raise invalid_argument("params.characters", "a map of voice id → {profile, style, age}")
+    characters = {}
+    for voice, fields in given.items():
+        if not isinstance(fields, dict):
+            raise invalid_argument(f"params.characters.{voice}", "a map with profile, style, age")
+        unknown = sorted(set(fields) - set(CHARACTER_FIELDS))
+        if unknown:
+            raise invalid_argument(f"params.characters.{voice}.{unknown[0]}",
+                                   f"unknown field; known: {', '.join(CHARACTER_FIELDS)}")
+        for key, value in fields.items():
+            if not isinstance(value, str):
+                raise invalid_argument(f"params.characters.{voice}.{key}", "a string")
+        characters[str(voice)] = {k: str(v) for k, v in fields.items()}
+    return characters
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,6 +344,61 @@ def _crop_batches(pcm: np.ndarray, rate: int, segments: list[list[float]], budge
         used += cost
     flush()
     return batches
+
+
+async def line_audio(ctx: StageContext, segments: list[list[float]]) -> list[tuple[Any, Any]]:
+    """(audio, span) per line for one request per line: by URI the scene and the line's span; inline
+    only the line's own audio (cropped as :func:`segment_batches` crops), so no request re-sends the
+    other lines."""
+    if ctx.transport.mode == "uri":
+        audio = common_pb2.AudioInput(encoding=common_pb2.WAV, uri=ctx.audio.blob.uri)
+        return [(audio, common_pb2.TimeSpan(start=a, end=b)) for a, b in segments]
+    pcm = await ctx.audio.pcm16()
+
+    def crop() -> list[tuple[Any, Any]]:
+        pieces = []
+        for segment in segments:
+            (batch,) = _crop_batches(pcm, ctx.audio.sample_rate, [segment], ctx.transport.audio_budget_bytes,
+                                     ctx.transport.inline_limit_bytes)
+            pieces.append((batch.audio, batch.spans[0]))
+        return pieces
+
+    return await asyncio.to_thread(crop)
+
+
+# Per-line requests a stage keeps in flight at once: enough to keep a service's queue fed (its own
+# admission limits and batching decide the rest), few enough not to flood it with one job.
+LINE_CONCURRENCY = 4
+
+
+async def fan_out(ctx: StageContext, items: list[Any], call: Callable[[Any], Awaitable[Any]],
+                  what: str) -> list[Any]:
+    """``call(item)`` for every item, :data:`LINE_CONCURRENCY` at a time, results in order, progress
+    reported; the first failure cancels the requests still running and is raised as it came."""
+    semaphore = asyncio.Semaphore(LINE_CONCURRENCY)
+    done = 0
+
+    async def one(item: Any) -> Any:
+        nonlocal done
+        async with semaphore:
+            result = await call(item)
+        done += 1
+        await ctx.report(done / len(items), f"{what} {done}/{len(items)}")
+        return result
+
+    tasks = [asyncio.create_task(one(item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def remaining(ctx: StageContext) -> float:
+    """Seconds left before the stage's deadline: every request's timeout."""
+    return max(ctx.deadline - time.monotonic(), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -626,21 +709,177 @@ async def identify_turns_stage(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def scene_lines(ctx: StageContext) -> list[dict[str, Any]]:
+    """The script's turns long enough to transcribe and score (``min_segment_seconds``)."""
+    min_seconds = float(ctx.params.get("min_segment_seconds", 0.5))
+    return [t for t in ctx.inputs["identify"]["script"] if t["end"] - t["start"] >= min_seconds]
+
+
+async def transcribe_stage(ctx: StageContext) -> dict[str, Any]:
+    """AudioLLM.Generate (task TRANSCRIBE) on every line of the script, one request per line."""
+    from dramaturg.audiollm.v1 import audiollm_pb2, audiollm_pb2_grpc
+
+    lines = scene_lines(ctx)
+    pieces = await line_audio(ctx, [[t["start"], t["end"]] for t in lines])
+    stub = audiollm_pb2_grpc.AudioLLMStub(ctx.channel("audiollm"))
+    generation = audiollm_pb2.GenerationConfig(max_new_tokens=int(ctx.params.get("max_transcript_tokens", 0)))
+
+    async def transcribe(piece: tuple[Any, Any]) -> Any:
+        audio, span = piece
+        request = audiollm_pb2.GenerateRequest(request_id=ctx.job_id, audio=audio, span=span,
+                                               task=audiollm_pb2.TRANSCRIBE, generation=generation)
+        return await stub.Generate(request, timeout=remaining(ctx))
+
+    replies = await fan_out(ctx, pieces, transcribe, "transcribed line")
+    model = f"{replies[0].model.name}:{replies[0].model.version}" if replies else ""
+    return {
+        "lines": [
+            {"start": t["start"], "end": t["end"], "text": r.text, "finish_reason": r.finish_reason}
+            for t, r in zip(lines, replies, strict=True)
+        ],
+        "model": model,
+        "audio_transport": ctx.transport.mode,
+        "requests": len(replies),
+    }
+
+
+def role_context(ctx: StageContext, voice_id: str, speaker: str) -> Any:
+    """What the realism rubric knows about a line: the scene and the character's profile and style.
+
+    From the job's ``scene`` and ``characters`` parameters; a character the job does not describe is
+    named by its voice id (or its diarization label when unidentified), so the prompt stays well formed.
+    """
+    from dramaturg.evaluator.v1 import evaluator_pb2
+
+    described = parse_characters(ctx.params.get("characters", {})).get(voice_id, {})
+    who = f"the character {voice_id}" if voice_id else f"an unidentified speaker ({speaker})"
+    return evaluator_pb2.RoleContext(
+        local_scene=str(ctx.params.get("scene") or "a scene from an audio drama"),
+        char_profile=described.get("profile") or who,
+        char_style=described.get("style") or "not described",
+        char_age=described.get("age", ""),
+    )
+
+
+# The longest piece of a line the evaluator judges at once: the tiny model's 5-s audio window (the 7 B
+# model's is 30 s: raise ``max_score_seconds`` up to that). A longer line is split into equal pieces,
+# each scored, and its scores are the duration-weighted mean of its pieces'.
+MAX_SCORE_SECONDS = 5.0
+
+
+def split_line(start: float, end: float, longest: float) -> list[list[float]]:
+    """``[start, end]`` as the fewest equal pieces no longer than ``longest`` seconds."""
+    pieces = max(1, math.ceil((end - start) / longest - 1e-9))
+    step = (end - start) / pieces
+    return [[start + i * step, end if i == pieces - 1 else start + (i + 1) * step] for i in range(pieces)]
+
+
+async def score_stage(ctx: StageContext) -> dict[str, Any]:
+    """Evaluator.Evaluate (realism rubric, the character's context) on every line of the script."""
+    from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+
+    lines = scene_lines(ctx)
+    longest = float(ctx.params.get("max_score_seconds", MAX_SCORE_SECONDS))
+    pieces = [(i, piece) for i, t in enumerate(lines) for piece in split_line(t["start"], t["end"], longest)]
+    audio = await line_audio(ctx, [piece for _, piece in pieces])
+    stub = evaluator_pb2_grpc.EvaluatorStub(ctx.channel("evaluator"))
+    dimensions = [str(d) for d in ctx.params.get("dimensions", [])]
+
+    async def score(item: tuple[tuple[int, list[float]], tuple[Any, Any]]) -> Any:
+        (index, _), (clip, span) = item
+        turn = lines[index]
+        request = evaluator_pb2.EvaluateRequest(
+            request_id=ctx.job_id, audio=clip, span=span, rubric=evaluator_pb2.REALISM,
+            dimensions=dimensions, context=role_context(ctx, turn.get("voice_id", ""), turn["speaker"]),
+        )
+        return await stub.Evaluate(request, timeout=remaining(ctx))
+
+    replies = await fan_out(ctx, list(zip(pieces, audio, strict=True)), score, "scored piece")
+    per_line: list[list[tuple[float, Any]]] = [[] for _ in lines]
+    for (index, (start, end)), reply in zip(pieces, replies, strict=True):
+        per_line[index].append((end - start, reply))
+    model = f"{replies[0].model.name}:{replies[0].model.version}" if replies else ""
+    return {
+        "lines": [line_scores(t, parts) for t, parts in zip(lines, per_line, strict=True)],
+        "model": model,
+        "audio_transport": ctx.transport.mode,
+        "requests": len(replies),
+    }
+
+
+def line_scores(turn: dict[str, Any], parts: list[tuple[float, Any]]) -> dict[str, Any]:
+    """A line's scores: its pieces' (duration-weighted) mean per dimension, the mean over dimensions."""
+    weights = np.array([w for w, _ in parts], dtype=np.float64)
+    weights /= weights.sum()
+    dimensions = [s.dimension for s in parts[0][1].scores]
+    scores = {d: float(sum(w * next(s.score for s in r.scores if s.dimension == d)
+                           for w, (_, r) in zip(weights, parts, strict=True))) for d in dimensions}
+    mass = [s.digit_mass for _, r in parts for s in r.scores]
+    return {
+        "start": turn["start"],
+        "end": turn["end"],
+        "mean_score": round(float(np.mean(list(scores.values()))) if scores else 0.0, 4),
+        "scores": {d: round(v, 4) for d, v in scores.items()},
+        "digit_mass": round(float(np.mean(mass)) if mass else 0.0, 4),
+        "pieces": len(parts),
+    }
+
+
+def _by_span(output: dict[str, Any] | None) -> dict[tuple[float, float], dict[str, Any]]:
+    if not output or "lines" not in output:
+        return {}
+    return {(line["start"], line["end"]): line for line in output["lines"]}
+
+
+def scene_markdown(result: dict[str, Any]) -> str:
+    """The readable script: one row per turn with who, what and how well it was acted."""
+    rows = ["| time | speaker | character | line | mean score |", "|---|---|---|---|---|"]
+    for turn in result["script"]:
+        score = turn.get("mean_score")
+        text = str(turn.get("text", "")).replace("|", "\\|").replace("\n", " ")
+        rows.append(
+            f"| {turn['start']:.2f}–{turn['end']:.2f} | {turn['speaker']} | {turn.get('voice_id') or '—'} "
+            f"| {text or '—'} | {'—' if score is None else f'{score:.2f}'} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def _scene_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     diarized = outputs["diarize"]
-    return {
+    identified = _public(outputs["identify"])
+    transcripts = _by_span(outputs.get("transcribe"))
+    scores = _by_span(outputs.get("score"))
+    script = []
+    for turn in identified.pop("script"):
+        key = (turn["start"], turn["end"])
+        line = dict(turn)
+        if key in transcripts:
+            line["text"] = transcripts[key]["text"]
+        if key in scores:
+            line.update({k: scores[key][k] for k in ("mean_score", "scores", "digit_mass", "pieces")})
+        script.append(line)
+    result = {
         "duration_seconds": outputs["decode"]["duration_seconds"],
         "rttm": diarized["rttm"],
         "speakers": diarized["speakers"],
         "diarization_model": diarized["model"],
-        **_public(outputs["identify"]),
+        **identified,
+        "script": script,
+        "skipped_stages": {name: out["skipped"] for name, out in outputs.items() if "skipped" in out},
     }
+    for stage, key in (("transcribe", "transcription_model"), ("score", "evaluator_model")):
+        if outputs.get(stage, {}).get("model"):
+            result[key] = outputs[stage]["model"]
+    result["script_markdown"] = scene_markdown(result)
+    return result
 
 
 ANALYZE_SCENE = PipelineSpec(
     name="analyze_scene",
-    description="Who spoke when and who they are: decode → diarize (diarization service) → identify each "
-    "speaker against the enrolled voices (speaker service) → a labelled script.",
+    description="A scene end to end: decode → diarize (diarization service) → identify each speaker "
+    "against the enrolled voices (speaker service) → transcribe each line (audiollm) and score its acting "
+    "(evaluator, realism rubric) side by side → a labelled, scored script. Transcription and scoring are "
+    "skipped, and say so, where the gateway has no endpoint for their service.",
     stages=(
         StageSpec("decode", decode_stage, timeout_seconds=120),
         StageSpec(
@@ -659,6 +898,25 @@ ANALYZE_SCENE = PipelineSpec(
             timeout_seconds=600,
             audio="segments",
         ),
+        # transcripts and scores need only the named script: they run side by side
+        StageSpec(
+            "transcribe",
+            transcribe_stage,
+            service="audiollm",
+            depends_on=("identify",),
+            timeout_seconds=1800,
+            audio="segments",
+            optional=True,
+        ),
+        StageSpec(
+            "score",
+            score_stage,
+            service="evaluator",
+            depends_on=("identify",),
+            timeout_seconds=1800,
+            audio="segments",
+            optional=True,
+        ),
     ),
     result=_scene_result,
     params={
@@ -669,6 +927,11 @@ ANALYZE_SCENE = PipelineSpec(
         "uri": str,
         "voice_ids": list,
         "min_segment_seconds": float,
+        "max_transcript_tokens": int,
+        "max_score_seconds": float,
+        "dimensions": list,
+        "scene": str,
+        "characters": dict,
     },
 )
 

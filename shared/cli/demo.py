@@ -83,8 +83,9 @@ def script_lines(corpus: Path, uri: str) -> list[dict[str, Any]]:
 
 
 # The services the demo's job needs, in training order: the diarization recipe's pipeline embeds
-# with the speaker service's default model (one voice model for the platform), so speaker first.
-DEMO_SERVICES: tuple[str, ...] = ("speaker", "diarization")
+# with the speaker service's default model (one voice model for the platform), so speaker first; then
+# the audio LLM (each line's transcript) and the evaluator (each line's acting scores).
+DEMO_SERVICES: tuple[str, ...] = ("speaker", "diarization", "audiollm", "evaluator")
 
 
 def demo_preset(service: str) -> Path | None:
@@ -324,16 +325,38 @@ def score_rttm(rttm: str, reference, uem) -> dict[str, float]:
     }
 
 
+def scene_context(corpus: Path, uri: str) -> dict[str, Any]:
+    """The scene's setting and its characters as the generator wrote them (the evaluator's context):
+    ``scene`` and ``characters`` (voice id → profile, style, age) job parameters."""
+    path = corpus / "evaluator" / "realism.jsonl"
+    if not path.is_file():
+        return {}
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    items = [it for it in items if it.get("scene_uri") == uri]
+    if not items:
+        return {}
+    characters = {
+        str(it["speaker_id"]): {"profile": it["char_profile"], "style": it["char_style"],
+                                "age": it["char_age"]}
+        for it in items
+    }
+    return {"scene": items[0]["local_scene"].split(". ")[0], "characters": characters}
+
+
 def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str, wav: Path,
                  args: argparse.Namespace) -> int:
-    """Enroll the cast, then ask the gateway who spoke when in a scene, and who each speaker is."""
+    """Enroll the cast, then ask the gateway who spoke when in a scene, who each speaker is, what each
+    line says and how well it was acted."""
     from pyannote.core import Segment
 
     console.print("[bold]3/4[/] enrolling the cast from their reference lines (speaker service)")
     names = asyncio.run(enroll_cast(speaker, corpus))
     console.print("     " + ", ".join(f"{n} ({v})" for v, n in names.items()))
-    console.print(f"[bold]4/4[/] analyze_scene on {uri}: diarize → identify each speaker (a gateway job)")
-    job = asyncio.run(run_job(gateway, token, wav, "analyze_scene", {"uri": uri, "min_segment_seconds": 0.5}))
+    console.print(f"[bold]4/4[/] analyze_scene on {uri}: diarize → identify each speaker → transcribe and "
+                  "score each line (a gateway job)")
+    params = {"uri": uri, "min_segment_seconds": 0.5, "max_transcript_tokens": 24,
+              **scene_context(corpus, uri)}
+    job = asyncio.run(run_job(gateway, token, wav, "analyze_scene", params))
     console.print(stage_table(job))
     if job.state != gateway_pb2.SUCCEEDED:
         console.print(f"[red]job failed:[/] {job.error}")
@@ -341,7 +364,7 @@ def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str,
     result = json_format.MessageToDict(job.result)
     reference, uem = reference_annotation(corpus, uri)
     table = Table(title=f"scene {uri}: labelled script (diarization {result['diarization_model']})")
-    for col in ("time", "diarized as", "named", "really spoken by", ""):
+    for col in ("time", "diarized as", "named", "really spoken by", "", "transcript", "acting (1–5)"):
         table.add_column(col)
     right = total = 0
     for turn in result.get("script", []):
@@ -352,10 +375,20 @@ def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str,
         ok = bool(truth) and voice == truth
         if truth:
             right, total = right + ok, total + 1
+        score = turn.get("mean_score")
         table.add_row(f"{turn['start']:.1f}–{turn['end']:.1f}", turn["speaker"],
                       names.get(voice, voice) or "(unnamed)", names.get(truth, truth or "(silence)"),
-                      "[green]✓[/]" if ok else "[red]✗[/]")
+                      "[green]✓[/]" if ok else "[red]✗[/]", turn.get("text", ""),
+                      "" if score is None else f"{score:.2f}")
     console.print(table)
+    for stage, reason in result.get("skipped_stages", {}).items():
+        console.print(f"[yellow]{stage} skipped:[/] {reason}")
+    if "transcription_model" in result or "evaluator_model" in result:
+        console.print(
+            f"transcripts by {result.get('transcription_model', '—')}, acting scores by "
+            f"{result.get('evaluator_model', '—')} (the demo's tiny models train for seconds: their words "
+            "and scores show the wiring, not accuracy — README: learning checks)"
+        )
     der = score_rttm(result["rttm"], reference, uem)
     console.print(
         f"DER {der['der']:.1%} against the generated RTTM (confusion {der['confusion']:.1%}, "
