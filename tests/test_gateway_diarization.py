@@ -8,7 +8,9 @@ labelled script, and a voice enrolled from one turn's audio is found again in th
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -168,6 +170,7 @@ def test_analyze_scene_whole_transcribes_and_scores_every_line(dramaturg_home: P
             job = stub.SubmitJob(request, metadata=AUTH, timeout=30)
             events = list(stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job.job_id), metadata=AUTH,
                                         timeout=600))
+            files = _download(stub, job.job_id)
             bad = gateway_pb2.SubmitJobRequest(pipeline="analyze_scene", audio=audio)
             bad.params.update({"characters": {"v": {"mood": "grim"}}})
             with pytest.raises(grpc.RpcError) as refused:
@@ -216,9 +219,42 @@ def test_analyze_scene_whole_transcribes_and_scores_every_line(dramaturg_home: P
     assert line["mean_score"] == pytest.approx(sum(expected.values()) / 2, abs=1e-3)
     assert all(set(t["scores"]) == {"pitch_variation", "emotion_accuracy"} and "text" in t for t in lines)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mood" in refused.value.details()
+    # the job's files: listed on the job, downloadable whole or from an offset, by name only
+    assert sorted(files) == ["report.json", "script.html", "script.md", "timeline.png", "timeline.svg"]
+    assert json.loads(files["report.json"]) == result
+    assert files["timeline.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert line["text"] in files["script.html"].decode() or "&" in line["text"]
     markdown = result["script_markdown"].splitlines()
     assert markdown[0].startswith("| time | speaker") and len(markdown) == 2 + len(result["script"])
     # progress events came from the per-line stages
     progress = [e.message for e in events if e.kind == gateway_pb2.STAGE_PROGRESS]
     assert any(m.startswith("transcribed line") for m in progress)
     assert any(m.startswith("scored piece") for m in progress)
+
+
+def _download(stub: gateway_pb2_grpc.GatewayStub, job_id: str) -> dict[str, bytes]:
+    """Every file of a finished job through GetJobFile, checked against Job.files; and the errors."""
+    job = stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id), metadata=AUTH, timeout=30)
+    files = {}
+    for entry in job.files:
+        chunks = list(stub.GetJobFile(gateway_pb2.GetJobFileRequest(job_id=job_id, name=entry.name),
+                                      metadata=AUTH, timeout=30))
+        data = b"".join(c.data for c in chunks)
+        assert len(data) == entry.size_bytes and hashlib.sha256(data).hexdigest() == entry.sha256
+        starts = [sum(len(c.data) for c in chunks[:i]) for i in range(len(chunks))]
+        assert [c.offset for c in chunks] == starts
+        files[entry.name] = data
+    tail = stub.GetJobFile(gateway_pb2.GetJobFileRequest(job_id=job_id, name="report.json", offset=10),
+                           metadata=AUTH, timeout=30)
+    assert b"".join(c.data for c in tail) == files["report.json"][10:]
+    for name, offset, code in (("../input.json", 0, grpc.StatusCode.NOT_FOUND),
+                               ("nope.txt", 0, grpc.StatusCode.NOT_FOUND),
+                               ("report.json", 10**9, grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.GetJobFile(gateway_pb2.GetJobFileRequest(job_id=job_id, name=name, offset=offset),
+                                 metadata=AUTH, timeout=30))
+        assert refused.value.code() == code, name
+    with pytest.raises(grpc.RpcError) as anonymous:
+        list(stub.GetJobFile(gateway_pb2.GetJobFileRequest(job_id=job_id, name="report.json"), timeout=30))
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    return files

@@ -43,6 +43,7 @@ from dramaturg.services.gateway.pipelines import (
     StageContext,
     StageSpec,
 )
+from dramaturg.services.gateway.reports import describe as describe_files
 from dramaturg.services.gateway.store import TERMINAL_STATES, JobStore, StoredEvent
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared.blobs import BlobStore, default_blob_root
@@ -136,6 +137,21 @@ def _decode_to_wav(message: common_pb2.AudioInput, limits: audio_io.AudioLimits)
     """The client's audio as a 16 kHz mono 16-bit WAV (runs in a worker thread: decoding takes CPU)."""
     decoded = audio_io.decode_audio_input(message, target_rate=SAMPLE_RATE, limits=limits, field="audio")
     return audio_io.encode_wav(decoded), decoded.num_frames
+
+
+FILES_DIR = "files"  # a job's files, under its work folder
+FILE_CHUNK_BYTES = 256 * 1024  # GetJobFile's pieces: well under any message limit
+
+
+def write_job_files(writer: Any, result: dict[str, Any], folder: Path) -> list[gateway_pb2.JobFile]:
+    """Run a pipeline's report writer into ``folder`` atomically (a resumed job rewrites it whole)."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    writer(result, partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return describe_files(folder)
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -380,6 +396,36 @@ class JobEngine:
                                    "submit the job again")
         return JobAudio(ref, stored.sample_rate, stored.num_samples)
 
+    async def read_file(
+        self, job_id: str, name: str, offset: int = 0
+    ) -> AsyncIterator[gateway_pb2.JobFileChunk]:
+        """A job's file (one of ``Job.files``) in chunks from ``offset``; only listed names are read.
+
+        At least one chunk is sent (an empty file, or an offset at its end, sends one with no data).
+        """
+        job = self.get(job_id)
+        entry = next((f for f in job.files if f.name == name), None)
+        if entry is None:
+            listed = ", ".join(f.name for f in job.files) or "none (it has not finished, or wrote none)"
+            raise errors.not_found("file", f"{job_id}/{name}", f"the job's files: {listed}")
+        if not 0 <= offset <= entry.size_bytes:
+            raise errors.invalid_argument("offset", f"{offset} is outside the file's {entry.size_bytes} "
+                                                    "bytes")
+        handle = await asyncio.to_thread(open, self.work_root / job_id / FILES_DIR / entry.name, "rb")
+        try:
+            await asyncio.to_thread(handle.seek, offset)
+            position, first = offset, True
+            while True:
+                data = await asyncio.to_thread(handle.read, FILE_CHUNK_BYTES)
+                if data or first:
+                    yield gateway_pb2.JobFileChunk(data=data, offset=position, size_bytes=entry.size_bytes,
+                                                   content_type=entry.content_type)
+                position, first = position + len(data), False
+                if len(data) < FILE_CHUNK_BYTES:
+                    return
+        finally:
+            handle.close()
+
     def get(self, job_id: str) -> gateway_pb2.Job:
         job = self.store.get(job_id) if job_id else None
         if job is None:
@@ -572,6 +618,15 @@ class JobEngine:
             log.exception("job %s: building the result failed", job_id)
             self._finish(job, S.FAILED, f"building the result failed: {exc}")
             return
+        if spec.report is not None:
+            try:
+                files = await asyncio.to_thread(write_job_files, spec.report, result, work / FILES_DIR)
+            except Exception as exc:  # a bug in the writer, or a full disk
+                log.exception("job %s: writing its files failed", job_id)
+                self._finish(job, S.FAILED, f"writing the job's files failed: {exc}")
+                return
+            del job.files[:]
+            job.files.extend(files)
         self._finish(job, S.SUCCEEDED, "succeeded", result)
 
     def _skip_reason(self, stage_spec: StageSpec) -> str:

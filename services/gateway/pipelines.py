@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 from dramaturg.common.v1 import common_pb2
 from dramaturg.services.gateway.config import CHANNEL_MESSAGE_LIMIT_BYTES
+from dramaturg.services.gateway.reports import write_scene_report
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared.blobs import BlobRef
 from dramaturg.shared.grpc.errors import ServiceError, invalid_argument
@@ -142,6 +143,8 @@ class PipelineSpec:
     stages: tuple[StageSpec, ...]
     result: Callable[[dict[str, dict[str, Any]]], dict[str, Any]]
     params: dict[str, type] = field(default_factory=dict)  # accepted params and their types
+    # writes the job's files (a report, scripts, plots) from its result into a folder (reports.py)
+    report: Callable[[dict[str, Any], Path], None] | None = None
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
@@ -919,6 +922,7 @@ ANALYZE_SCENE = PipelineSpec(
         ),
     ),
     result=_scene_result,
+    report=write_scene_report,
     params={
         "max_seconds": float,
         "num_speakers": int,

@@ -44,6 +44,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext):
         return self.engine.list(request)
 
+    async def GetJobFile(
+        self, request: gateway_pb2.GetJobFileRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.JobFileChunk]:
+        async for chunk in self.engine.read_file(request.job_id, request.name, request.offset):
+            yield chunk
+
     async def ListPipelines(
         self, request: gateway_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext
     ):

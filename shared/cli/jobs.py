@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import mimetypes
 import sys
@@ -102,6 +103,30 @@ async def watch_job(stub: gateway_pb2_grpc.GatewayStub, job_id: str, quiet: bool
     return last
 
 
+async def download_files(
+    stub: gateway_pb2_grpc.GatewayStub, job: gateway_pb2.Job, folder: Path
+) -> list[Path]:
+    """Every file of ``job`` (GetJobFile) into ``folder``, each checked against its listed size and digest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in job.files:
+        digest, size = hashlib.sha256(), 0
+        target = folder / Path(entry.name).name  # a listed name, never a path
+        partial = target.with_name(target.name + ".partial")
+        with partial.open("wb") as out:
+            request = gateway_pb2.GetJobFileRequest(job_id=job.job_id, name=entry.name)
+            async for chunk in stub.GetJobFile(request):
+                out.write(chunk.data)
+                digest.update(chunk.data)
+                size += len(chunk.data)
+        if size != entry.size_bytes or digest.hexdigest() != entry.sha256:
+            partial.unlink(missing_ok=True)
+            raise OSError(f"{entry.name}: got {size} bytes that do not match the listed file; try again")
+        partial.replace(target)
+        written.append(target)
+    return written
+
+
 async def _run(args: argparse.Namespace) -> int:
     channel = open_channel(gateway_target(args.gateway), token=api_token())
     stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -124,6 +149,9 @@ async def _run(args: argparse.Namespace) -> int:
             return 0 if job.state != gateway_pb2.FAILED else 1
         if args.job_command == "get":
             job = await stub.GetJob(gateway_pb2.GetJobRequest(job_id=args.job_id))
+            if args.output:
+                for path in await download_files(stub, job, Path(args.output)):
+                    console.print(f"wrote {path}")
             print(json.dumps(job_dict(job), indent=2))
         elif args.job_command == "watch":
             job = await watch_job(stub, args.job_id)
@@ -170,6 +198,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name in ("get", "watch", "cancel"):
         c = jobs.add_parser(name)
         c.add_argument("job_id")
+        if name == "get":
+            c.add_argument("--output", metavar="DIR", help="also download the job's files (report, script, "
+                           "timeline) into DIR")
     ls = jobs.add_parser("list")
     ls.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=lambda args: asyncio.run(_run(args)))

@@ -64,6 +64,11 @@ class GatewayStub:
                 request_serializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.ListPipelinesRequest.SerializeToString,
                 response_deserializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.ListPipelinesResponse.FromString,
                 _registered_method=True)
+        self.GetJobFile = channel.unary_stream(
+                '/dramaturg.gateway.v1.Gateway/GetJobFile',
+                request_serializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.GetJobFileRequest.SerializeToString,
+                response_deserializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.JobFileChunk.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -105,6 +110,12 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListPipelines,
                     request_deserializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.ListPipelinesRequest.FromString,
                     response_serializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.ListPipelinesResponse.SerializeToString,
+            ),
+            'GetJobFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobFile,
+                    request_deserializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.GetJobFileRequest.FromString,
+                    response_serializer=dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.JobFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Gateway:
             '/dramaturg.gateway.v1.Gateway/ListPipelines',
             dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.ListPipelinesRequest.SerializeToString,
             dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.ListPipelinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dramaturg.gateway.v1.Gateway/GetJobFile',
+            dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.GetJobFileRequest.SerializeToString,
+            dramaturg_dot_gateway_dot_v1_dot_gateway__pb2.JobFileChunk.FromString,
             options,
             channel_credentials,
             insecure,
