@@ -1,7 +1,7 @@
 """The presets ``make demo`` trains on a fresh home: valid recipes, and smaller than the learning check.
 
-A newcomer's first ``make demo`` trains the speaker, diarization, audio-LLM and evaluator models
-before it can run its job, so it runs each service's own ``demo_config`` (``presets/demo.yaml``),
+A newcomer's first ``make demo`` trains the speaker, diarization, audio-LLM, evaluator and TTS models
+before it can run its jobs, so it runs each service's own ``demo_config`` (``presets/demo.yaml``),
 not the learning check's ``cpu-quick.yaml``. These tests read both the way the demo does (through
 the registry) and validate them the way the runner would (the service's recipes, the overrides
 merged over the base recipe's defaults, the ``synth:`` corpus), so a typo fails here and not minutes
@@ -83,10 +83,10 @@ def test_cpu_quick_stays_the_learning_check() -> None:
 def test_a_first_demo_says_what_it_trains_and_for_how_long(dramaturg_home: Path) -> None:
     plan = training_plan(dramaturg_home)
     # the speaker model first (the diarization pipeline embeds with it), then the per-line services
-    assert [service for service, _ in plan] == ["speaker", "diarization", "audiollm", "evaluator"]
+    assert [service for service, _ in plan] == ["speaker", "diarization", "audiollm", "evaluator", "tts"]
     line = describe_plan(plan)
     assert line.startswith("first run: trains speaker (demo preset, ≈ ")
-    for service in ("diarization", "audiollm", "evaluator"):
+    for service in ("diarization", "audiollm", "evaluator", "tts"):
         assert f"{service} (demo preset, ≈ " in line
     assert "later runs reuse the models" in line
     assert "no training" in describe_plan([])

@@ -13,8 +13,9 @@ from conftest import tone_wav
 from dramaturg.common.v1 import common_pb2
 from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from dramaturg.services.gateway.catalog import PIPELINES
 from dramaturg.services.gateway.config import GatewaySettings
-from dramaturg.services.gateway.pipelines import PIPELINES, PipelineSpec, StageSpec
+from dramaturg.services.gateway.pipelines import PipelineSpec, StageSpec
 from dramaturg.services.gateway.server import GatewayService
 from dramaturg.shared.grpc import errors
 from dramaturg.shared.grpc.errors import details_from_error

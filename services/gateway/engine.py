@@ -144,11 +144,12 @@ FILE_CHUNK_BYTES = 256 * 1024  # GetJobFile's pieces: well under any message lim
 
 
 def write_job_files(writer: Any, result: dict[str, Any], folder: Path) -> list[gateway_pb2.JobFile]:
-    """Run a pipeline's report writer into ``folder`` atomically (a resumed job rewrites it whole)."""
+    """Run a pipeline's report writer into ``folder`` atomically (a resumed job rewrites it whole);
+    the writer also sees the job's work folder (``folder``'s parent), where its stages left files."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    writer(result, partial)
+    writer(result, partial, folder.parent)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return describe_files(folder)

@@ -143,8 +143,9 @@ class PipelineSpec:
     stages: tuple[StageSpec, ...]
     result: Callable[[dict[str, dict[str, Any]]], dict[str, Any]]
     params: dict[str, type] = field(default_factory=dict)  # accepted params and their types
-    # writes the job's files (a report, scripts, plots) from its result into a folder (reports.py)
-    report: Callable[[dict[str, Any], Path], None] | None = None
+    # writes the job's files (a report, scripts, plots) from its result into a folder (reports.py),
+    # given the job's work folder too (files its stages left there)
+    report: Callable[[dict[str, Any], Path, Path], None] | None = None
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
@@ -172,7 +173,7 @@ class PipelineSpec:
             expected = self.params[key]
             # protobuf Struct carries every number as a double: 3.0 is a valid int parameter
             ok = (
-                (isinstance(value, expected) and not isinstance(value, bool))
+                (isinstance(value, expected) and (expected is bool or not isinstance(value, bool)))
                 or (expected is float and isinstance(value, int))
                 or (expected is int and isinstance(value, float) and value.is_integer())
             )
@@ -184,6 +185,14 @@ class PipelineSpec:
             parse_segments(params["segments"])
         if "characters" in params:
             parse_characters(params["characters"])
+        if "script" in params:
+            from dramaturg.services.gateway.revoice import parse_script
+
+            parse_script(params["script"])
+        if "line_ids" in params:
+            ids = params["line_ids"]
+            if not all(isinstance(i, int | float) and float(i).is_integer() and i >= 0 for i in ids):
+                raise invalid_argument("params.line_ids", "line indexes (0-based integers)")
 
     def check_inline(self, audio_seconds: float, num_samples: int, params: dict[str, Any],
                      transport: AudioTransport) -> None:
@@ -938,5 +947,3 @@ ANALYZE_SCENE = PipelineSpec(
         "characters": dict,
     },
 )
-
-PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in (PROBE, IDENTIFY_LINES, ANALYZE_SCENE)}

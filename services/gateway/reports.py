@@ -30,7 +30,8 @@ UNSCORED = "#b0b0b0"
 CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".html": "text/html; charset=utf-8",
                  ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
 
-ReportWriter = Callable[[dict[str, Any], Path], None]
+# (the job's result, the folder to write into, the job's work folder: what its stages left there)
+ReportWriter = Callable[[dict[str, Any], Path, Path], None]
 
 
 def _score(value: Any) -> str:
@@ -118,7 +119,7 @@ def timeline_figure(result: dict[str, Any]) -> Any:
     return figure
 
 
-def write_scene_report(result: dict[str, Any], folder: Path) -> None:
+def write_scene_report(result: dict[str, Any], folder: Path, work: Path | None = None) -> None:
     """``analyze_scene``'s files (module docstring) into ``folder``."""
     (folder / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (folder / "script.md").write_text(script_markdown(result))

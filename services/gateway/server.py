@@ -9,9 +9,10 @@ from pathlib import Path
 import grpc
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.services.gateway.auth import BearerTokenInterceptor, resolve_token
+from dramaturg.services.gateway.catalog import PIPELINES
 from dramaturg.services.gateway.config import GatewaySettings
 from dramaturg.services.gateway.engine import JobEngine
-from dramaturg.services.gateway.pipelines import PIPELINES, AudioTransport, PipelineSpec
+from dramaturg.services.gateway.pipelines import AudioTransport, PipelineSpec
 from dramaturg.services.gateway.store import open_store
 from dramaturg.shared.blobs import BlobStore, default_blob_root
 from dramaturg.shared.config import dramaturg_home

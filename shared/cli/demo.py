@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from dramaturg.shared.cli.jobs import audio_input, stage_table, watch_job
+from dramaturg.shared.cli.jobs import audio_input, download_files, stage_table, watch_job
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import open_channel
 from google.protobuf import json_format
@@ -84,8 +84,9 @@ def script_lines(corpus: Path, uri: str) -> list[dict[str, Any]]:
 
 # The services the demo's job needs, in training order: the diarization recipe's pipeline embeds
 # with the speaker service's default model (one voice model for the platform), so speaker first; then
-# the audio LLM (each line's transcript) and the evaluator (each line's acting scores).
-DEMO_SERVICES: tuple[str, ...] = ("speaker", "diarization", "audiollm", "evaluator")
+# the audio LLM (each line's transcript), the evaluator (each line's acting scores) and the TTS
+# (re-voicing the weakest line).
+DEMO_SERVICES: tuple[str, ...] = ("speaker", "diarization", "audiollm", "evaluator", "tts")
 
 
 def demo_preset(service: str) -> Path | None:
@@ -210,7 +211,11 @@ def run(args: argparse.Namespace) -> int:
         running = {p.service: p for p in stack.processes}
         speaker = running.get("speaker")
         if speaker is not None and "diarization" in running:
-            return analyze_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
+            status = analyze_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
+            tts = running.get("tts")
+            if status == 0 and tts is not None and {"audiollm", "evaluator"} <= set(running):
+                status = revoice_demo(stack.gateway, token, f"127.0.0.1:{tts.port}", corpus, uri, wav)
+            return status
         if speaker is not None:
             return identify_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
         console.print(f"[bold]3/4[/] submitting scene {uri} ({wav}) to the gateway")
@@ -349,10 +354,10 @@ def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str,
     line says and how well it was acted."""
     from pyannote.core import Segment
 
-    console.print("[bold]3/4[/] enrolling the cast from their reference lines (speaker service)")
+    console.print("[bold]3/5[/] enrolling the cast from their reference lines (speaker service)")
     names = asyncio.run(enroll_cast(speaker, corpus))
     console.print("     " + ", ".join(f"{n} ({v})" for v, n in names.items()))
-    console.print(f"[bold]4/4[/] analyze_scene on {uri}: diarize → identify each speaker → transcribe and "
+    console.print(f"[bold]4/5[/] analyze_scene on {uri}: diarize → identify each speaker → transcribe and "
                   "score each line (a gateway job)")
     params = {"uri": uri, "min_segment_seconds": 0.5, "max_transcript_tokens": 24,
               **scene_context(corpus, uri)}
@@ -395,10 +400,79 @@ def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str,
         f"false alarm {der['false_alarm']:.1%}, miss {der['miss']:.1%}; collar 0, overlap scored, on the UEM)"
     )
     console.print(f"named the right character in {right}/{total} turns ({right / max(total, 1):.0%})")
+    if job.files:
+        folder = dramaturg_home() / "demo-report" / job.job_id
+        written = asyncio.run(fetch_files(gateway, token, job, folder))
+        console.print(f"the job's files (`dramaturg job get {job.job_id} --output DIR`): "
+                      + ", ".join(str(p) for p in written))
     if args.json:
         print(json.dumps({"job_id": job.job_id, "result": result, "der": der,
                           "naming_accuracy": right / max(total, 1)}, indent=2))
     return 0
+
+
+async def add_tts_voices(target: str, corpus: Path) -> list[str]:
+    """Give every character a TTS voice: its first reference line and that line's words as the prompt."""
+    from dramaturg.tts.v1 import tts_pb2, tts_pb2_grpc
+
+    cast = json.loads((corpus / "speaker" / "enroll" / "cast.json").read_text())["speakers"]
+    channel = open_channel(target)
+    try:
+        stub = tts_pb2_grpc.TextToSpeechStub(channel)
+        for person in cast:
+            first = person["enroll"][0]
+            await stub.AddVoice(tts_pb2.AddVoiceRequest(
+                voice_id=person["speaker_id"], display_name=person["name"], overwrite=True,
+                reference_audio=audio_input(corpus / "speaker" / "enroll" / first["path"]),
+                reference_text=first["text"]), timeout=120)
+    finally:
+        await channel.close()
+    return [person["speaker_id"] for person in cast]
+
+
+def scene_script(corpus: Path, uri: str) -> list[dict[str, Any]]:
+    """The scene's lines with their timings and words, as the generator wrote them."""
+    return [{"start": t["start"], "end": t["end"], "text": t["text"]} for t in script_lines(corpus, uri)]
+
+
+def revoice_demo(gateway: str, token: str, tts: str, corpus: Path, uri: str, wav: Path) -> int:
+    """Give the cast TTS voices, then re-voice the scene's weakest line (revoice_scene)."""
+    console.print("[bold]5/5[/] revoice_scene on the weakest line: TTS takes in the character's voice, "
+                  "each scored, transcribed and verified, the best spliced in (a gateway job)")
+    voices = asyncio.run(add_tts_voices(tts, corpus))
+    console.print(f"     TTS voices for {len(voices)} characters from their reference lines")
+    console.print("     [yellow]guards off[/] (max_wer, require_same_speaker): the demo's TTS trains for "
+                  "minutes and does not speak intelligibly yet, so no take would pass them (README: the TTS "
+                  "service)")
+    params = {"uri": uri, "min_segment_seconds": 0.5, "max_transcript_tokens": 24, "threshold": 5.0,
+              "max_lines": 1, "candidates": 2, "max_wer": 100.0, "require_same_speaker": False,
+              "script": scene_script(corpus, uri), **scene_context(corpus, uri)}
+    job = asyncio.run(run_job(gateway, token, wav, "revoice_scene", params))
+    console.print(stage_table(job))
+    if job.state != gateway_pb2.SUCCEEDED:
+        console.print(f"[red]job failed:[/] {job.error}")
+        return 1
+    result = json_format.MessageToDict(job.result)
+    for line in result["lines"]:
+        before, after = line["before"]["mean_score"], line.get("after", {}).get("mean_score")
+        outcome = (f"take {int(line['chosen'])} spliced in: mean acting score {before:.2f} → {after:.2f}"
+                   if line.get("chosen") is not None else f"kept: {line.get('reason')}")
+        console.print(f"     line {int(line['index'])} ({line['start']:.1f}–{line['end']:.1f} s, "
+                      f"{line['voice_id']}): “{line['text']}” — {outcome}")
+    for line in result.get("passed_over", []):
+        console.print(f"     line {int(line['index'])} passed over: {line['reason']}")
+    folder = dramaturg_home() / "demo-report" / job.job_id
+    written = asyncio.run(fetch_files(gateway, token, job, folder))
+    console.print("the re-voicing's files: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+async def fetch_files(gateway: str, token: str, job: gateway_pb2.Job, folder: Path) -> list[Path]:
+    channel = open_channel(gateway, token=token)
+    try:
+        return await download_files(gateway_pb2_grpc.GatewayStub(channel), job, folder)
+    finally:
+        await channel.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
