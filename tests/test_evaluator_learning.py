@@ -48,6 +48,7 @@ from dramaturg.shared.store import ModelStore
 from test_evaluator_train import SERVICE, inline_context
 
 log = logging.getLogger(__name__)
+log.setLevel(logging.INFO)  # the figures show with `-o log_cli=true` alone (the root logger stays at WARNING)
 
 pytestmark = pytest.mark.slow
 

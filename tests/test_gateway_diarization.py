@@ -148,8 +148,10 @@ def test_analyze_scene_whole_transcribes_and_scores_every_line(dramaturg_home: P
         ServerThread(DiarizationService(DiarizationSettings(), home=dramaturg_home)) as diarization,
         ServerThread(SpeakerService(SpeakerSettings(min_seconds=0.5), home=dramaturg_home)) as speaker,
         ServerThread(AudioLlmService(AudioLlmSettings(), home=dramaturg_home)) as audiollm,
-        ServerThread(EvaluatorService(EvaluatorSettings(), home=dramaturg_home)) as evaluator,
+        # it takes less audio than the scene: the gateway must send it each line, not the scene by URI
+        ServerThread(EvaluatorService(EvaluatorSettings(max_seconds=8.0), home=dramaturg_home)) as evaluator,
     ):
+        assert len(samples) / rate > 8.0
         with grpc.insecure_channel(speaker.target) as channel:  # the job names speakers against these
             speaker_pb2_grpc.SpeakerStub(channel).Enroll(
                 speaker_pb2.EnrollRequest(voice_id="captain", audio=[_clip(samples, rate, 0.0, 3.0)]),
@@ -209,8 +211,9 @@ def test_analyze_scene_whole_transcribes_and_scores_every_line(dramaturg_home: P
             for i in range(pieces):
                 end = line["end"] if i == pieces - 1 else line["start"] + (i + 1) * step
                 piece = common_pb2.TimeSpan(start=line["start"] + i * step, end=end)
+                clip = _clip(samples, rate, piece.start, piece.end)  # what the gateway sends
                 scored = evaluator_pb2_grpc.EvaluatorStub(channel).Evaluate(
-                    evaluator_pb2.EvaluateRequest(audio=audio, span=piece, rubric=evaluator_pb2.REALISM,
+                    evaluator_pb2.EvaluateRequest(audio=clip, rubric=evaluator_pb2.REALISM,
                                                   dimensions=list(expected), context=context), timeout=120)
                 share = (piece.end - piece.start) / (line["end"] - line["start"])
                 for s in scored.scores:

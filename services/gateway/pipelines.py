@@ -359,12 +359,13 @@ def _crop_batches(pcm: np.ndarray, rate: int, segments: list[list[float]], budge
 
 
 async def line_audio(ctx: StageContext, segments: list[list[float]]) -> list[tuple[Any, Any]]:
-    """(audio, span) per line for one request per line: by URI the scene and the line's span; inline
-    only the line's own audio (cropped as :func:`segment_batches` crops), so no request re-sends the
-    other lines."""
-    if ctx.transport.mode == "uri":
-        audio = common_pb2.AudioInput(encoding=common_pb2.WAV, uri=ctx.audio.blob.uri)
-        return [(audio, common_pb2.TimeSpan(start=a, end=b)) for a, b in segments]
+    """(audio, span) per line for one request per line: the line's own audio, cropped as
+    :func:`segment_batches` crops, whatever the transport.
+
+    Not the scene by URI: a service's audio limits apply to the whole input it is given, span or not,
+    and a scene can be longer than a line-level service accepts (the evaluator takes 30 s) — a line's
+    few seconds inline always fit.
+    """
     pcm = await ctx.audio.pcm16()
 
     def crop() -> list[tuple[Any, Any]]:
