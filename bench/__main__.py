@@ -9,6 +9,7 @@ import sys
 BENCHMARKS = {
     "speaker-embed": "bench.speaker_embed",
     "diarization-rtf": "bench.diarization_rtf",
+    "evaluator-items": "bench.evaluator_items",
 }
 
 
