@@ -18,6 +18,7 @@ from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.services.gateway.revoice import (
     CROSSFADE_SECONDS,
     choose,
+    judged,
     match_loudness,
     parse_script,
     splice,
@@ -71,6 +72,24 @@ def test_the_best_take_that_passes_both_guards_wins() -> None:
     assert choose(takes, 0.5, False)[0]["take"] == 2
     best, reason = choose(takes, 0.05, True)
     assert best is None and "3 of 3 over WER 0.05" in reason and "1 of 3 not the character's voice" in reason
+
+
+def test_a_take_a_judge_refuses_fails_that_check_and_the_job_goes_on() -> None:
+    import asyncio
+
+    async def refuse(code: grpc.StatusCode) -> dict:
+        metadata = grpc.aio.Metadata()
+        raise grpc.aio.AioRpcError(code, metadata, metadata, details="0.40 s is too short")
+
+    verdict = asyncio.run(judged(refuse(grpc.StatusCode.INVALID_ARGUMENT),
+                                 {"similarity": None, "same_speaker": False}, "voice"))
+    assert verdict == {"similarity": None, "same_speaker": False, "voice_refused": "0.40 s is too short"}
+    with pytest.raises(grpc.aio.AioRpcError):  # a service that is down is the stage's failure (retried)
+        asyncio.run(judged(refuse(grpc.StatusCode.UNAVAILABLE), {}, "voice"))
+    takes = [{"take": 0, "mean_score": None, "wer": 0.0, "same_speaker": True},
+             {"take": 1, "mean_score": 2.0, "wer": 0.0, "same_speaker": True}]
+    assert choose(takes, 0.5, True)[0]["take"] == 1
+    assert "1 of 1 not scored" in choose(takes[:1], 0.5, True)[1]
 
 
 def test_words_come_from_the_script_then_the_transcript() -> None:

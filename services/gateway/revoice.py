@@ -30,10 +30,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import soundfile as sf
 from dramaturg.common.v1 import common_pb2
-from dramaturg.shared.grpc.errors import invalid_argument
+from dramaturg.shared.grpc.errors import details_from_error, invalid_argument
 
 from .pipelines import (
     ANALYZE_SCENE,
@@ -176,6 +177,18 @@ async def synthesize_stage(ctx: StageContext) -> dict[str, Any]:
     return {"takes": out}
 
 
+async def judged(call: Any, refused: dict[str, Any], check: str) -> dict[str, Any]:
+    """A judge's verdict on one take, or ``refused`` with the service's reason when it will not judge
+    that take (INVALID_ARGUMENT: say a take too short for the speaker model): the take then fails
+    that check, and the job goes on with the others."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        return refused | {f"{check}_refused": details_from_error(error).message}
+
+
 def _take_audio(ctx: StageContext, take: dict[str, Any]) -> common_pb2.AudioInput:
     return common_pb2.AudioInput(encoding=common_pb2.WAV, content=(ctx.work_dir / take["file"]).read_bytes())
 
@@ -196,6 +209,9 @@ async def rank_stage(ctx: StageContext) -> dict[str, Any]:
         request = evaluator_pb2.EvaluateRequest(
             request_id=ctx.job_id, audio=_take_audio(ctx, take), rubric=evaluator_pb2.REALISM,
             dimensions=dimensions, context=role_context(ctx, line["voice_id"], line["speaker"]))
+        return await judged(evaluate(request), {"mean_score": None, "scores": {}}, "rank")
+
+    async def evaluate(request: Any) -> dict[str, Any]:
         reply = await stub.Evaluate(request, timeout=remaining(ctx))
         return {"mean_score": round(reply.mean_score, 4), "scores": {s.dimension: round(s.score, 4)
                                                                    for s in reply.scores}}
@@ -224,8 +240,11 @@ async def check_words_stage(ctx: StageContext) -> dict[str, Any]:
         line = _line(ctx, take["line"])
         request = audiollm_pb2.GenerateRequest(request_id=ctx.job_id, audio=_take_audio(ctx, take),
                                                task=audiollm_pb2.TRANSCRIBE)
+        return await judged(transcribe(request, line["text"]), {"transcript": "", "wer": 1.0}, "words")
+
+    async def transcribe(request: Any, words: str) -> dict[str, Any]:
         reply = await stub.Generate(request, timeout=remaining(ctx))
-        return {"transcript": reply.text, "wer": round(word_error_rate(line["text"], reply.text), 4)}
+        return {"transcript": reply.text, "wer": round(word_error_rate(words, reply.text), 4)}
 
     return {"takes": await fan_out(ctx, ctx.inputs["synthesize"]["takes"], check, "transcribed take")}
 
@@ -240,6 +259,10 @@ async def check_voice_stage(ctx: StageContext) -> dict[str, Any]:
         line = _line(ctx, take["line"])
         request = speaker_pb2.VerifyRequest(request_id=ctx.job_id, voice_id=line["voice_id"],
                                             test_audio=_take_audio(ctx, take))
+        return await judged(verify(request), {"similarity": None, "same_speaker": False, "threshold": None},
+                            "voice")
+
+    async def verify(request: Any) -> dict[str, Any]:
         reply = await stub.Verify(request, timeout=remaining(ctx))
         return {"similarity": round(reply.score, 4), "same_speaker": bool(reply.same_speaker),
                 "threshold": round(reply.threshold, 4)}
@@ -312,14 +335,18 @@ def splice(scene: np.ndarray, start: float, end: float, take: np.ndarray,
 def choose(
     takes: list[dict[str, Any]], max_wer: float, require_same_speaker: bool
 ) -> tuple[dict[str, Any] | None, str]:
-    """The best-scoring take that passes the guards, or None and why none did."""
-    passing = [t for t in takes if t["wer"] <= max_wer and (t["same_speaker"] or not require_same_speaker)]
+    """The best-scoring take that passes the guards, or None and why none did (a take the evaluator
+    would not score is never chosen)."""
+    passing = [t for t in takes if t["wer"] <= max_wer and (t["same_speaker"] or not require_same_speaker)
+               and t["mean_score"] is not None]
     if passing:
         return max(passing, key=lambda t: t["mean_score"]), ""
     words = sum(t["wer"] > max_wer for t in takes)
     voice = sum(require_same_speaker and not t["same_speaker"] for t in takes)
+    unscored = sum(t["mean_score"] is None for t in takes)
     return None, (f"no take passed the guards: {words} of {len(takes)} over WER {max_wer:g}, "
-                  f"{voice} of {len(takes)} not the character's voice")
+                  f"{voice} of {len(takes)} not the character's voice"
+                  + (f", {unscored} of {len(takes)} not scored" if unscored else ""))
 
 
 async def splice_stage(ctx: StageContext) -> dict[str, Any]:
@@ -385,8 +412,13 @@ def revoice_markdown(result: dict[str, Any]) -> str:
                 "|---|---|---|---|---|---|---|"]
         for take in line["takes"]:
             heard = str(take["transcript"]).replace("|", "\\|")
-            out.append(f"| {take['take']} | {take['seed']} | {take['mean_score']:.2f} | {take['wer']:.2f} | "
-                       f"{heard} | {take['similarity']:.3f} | {'yes' if take['same_speaker'] else 'no'} |")
+            score = "—" if take["mean_score"] is None else f"{take['mean_score']:.2f}"
+            similarity = "—" if take["similarity"] is None else f"{take['similarity']:.3f}"
+            refused = "; ".join(f"{k.split('_')[0]}: {take[k]}" for k in ("rank_refused", "words_refused",
+                                                                          "voice_refused") if take.get(k))
+            out.append(f"| {take['take']} | {take['seed']} | {score} | {take['wer']:.2f} | {heard} | "
+                       f"{similarity} | {'yes' if take['same_speaker'] else 'no'}"
+                       + (f" ({refused})" if refused else "") + " |")
         out.append("")
     for line in result["passed_over"]:
         out.append(f"- line {line['index']} passed over: {line['reason']}")
