@@ -248,6 +248,13 @@ class JobEngine:
             )
         params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
         spec.validate_params(params)
+        if spec.needs_shared_storage and self.transport.mode != "uri":
+            raise errors.failed_precondition(
+                f"pipeline {spec.name} hands model services files the gateway writes, so it needs a file "
+                "system they share: run the gateway with audio_transport: uri (the local stack and compose "
+                "do; deploy/README.md, 'Job audio')",
+                reason="NEEDS_SHARED_STORAGE",
+            )
         max_seconds = self._max_seconds(params)
         if not request.HasField("audio") or not request.audio.WhichOneof("source"):
             raise errors.invalid_argument("audio", "set audio.content (bytes) or audio.uri")

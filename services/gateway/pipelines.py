@@ -146,6 +146,11 @@ class PipelineSpec:
     # writes the job's files (a report, scripts, plots) from its result into a folder (reports.py),
     # given the job's work folder too (files its stages left there)
     report: Callable[[dict[str, Any], Path, Path], None] | None = None
+    # the pipeline's own checks of its params at submit (after their types): INVALID_ARGUMENT
+    check: Callable[[dict[str, Any]], Any] | None = None
+    # a model service reads files the gateway writes (a training dataset): refused at submit unless
+    # the gateway and the services share a file system (audio_transport: uri)
+    needs_shared_storage: bool = False
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
@@ -183,16 +188,8 @@ class PipelineSpec:
                 )
         if "segments" in params:
             parse_segments(params["segments"])
-        if "characters" in params:
-            parse_characters(params["characters"])
-        if "script" in params:
-            from dramaturg.services.gateway.revoice import parse_script
-
-            parse_script(params["script"])
-        if "line_ids" in params:
-            ids = params["line_ids"]
-            if not all(isinstance(i, int | float) and float(i).is_integer() and i >= 0 for i in ids):
-                raise invalid_argument("params.line_ids", "line indexes (0-based integers)")
+        if self.check is not None:
+            self.check(params)
 
     def check_inline(self, audio_seconds: float, num_samples: int, params: dict[str, Any],
                      transport: AudioTransport) -> None:
@@ -248,6 +245,12 @@ def parse_segments(given: Any) -> list[list[float]]:
 
 # What the evaluator's realism rubric knows about a character (RoleContext's fields).
 CHARACTER_FIELDS = ("profile", "style", "age")
+
+
+def check_scene_params(params: dict[str, Any]) -> None:
+    """analyze_scene's params beyond their types: the characters' descriptions."""
+    if "characters" in params:
+        parse_characters(params["characters"])
 
 
 def parse_characters(given: Any) -> dict[str, dict[str, str]]:
@@ -933,6 +936,7 @@ ANALYZE_SCENE = PipelineSpec(
     ),
     result=_scene_result,
     report=write_scene_report,
+    check=check_scene_params,
     params={
         "max_seconds": float,
         "num_speakers": int,

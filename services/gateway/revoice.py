@@ -42,6 +42,7 @@ from .pipelines import (
     PipelineSpec,
     StageContext,
     StageSpec,
+    check_scene_params,
     fan_out,
     remaining,
     role_context,
@@ -436,6 +437,16 @@ def write_revoice_report(result: dict[str, Any], folder: Path, work: Path) -> No
         shutil.copyfile(work / result["revoiced_file"], folder / "revoiced.wav")
 
 
+def check_revoice_params(params: dict[str, Any]) -> None:
+    """revoice_scene's params beyond their types: the characters, the script, the line ids."""
+    check_scene_params(params)
+    if "script" in params:
+        parse_script(params["script"])
+    ids = params.get("line_ids", [])
+    if not all(isinstance(i, int | float) and float(i).is_integer() and i >= 0 for i in ids):
+        raise invalid_argument("params.line_ids", "line indexes (0-based integers)")
+
+
 def revoice_pipeline() -> PipelineSpec:
     """revoice_scene: the analysis stages, then select → synthesize → (rank, check_words, check_voice)
     → splice (this module)."""
@@ -466,6 +477,7 @@ def revoice_pipeline() -> PipelineSpec:
         ),
         result=revoice_result,
         report=write_revoice_report,
+        check=check_revoice_params,
         params={**ANALYZE_SCENE.params, "threshold": float, "max_lines": int, "line_ids": list,
                 "candidates": int, "seed": int, "max_wer": float, "require_same_speaker": bool,
                 "script": list},

@@ -11,10 +11,11 @@ train, pick a checkpoint on held-out lines, merge.
   and heads; the codec stays frozen): from scratch for the tiny default (``model:`` sizes it), or
   from ``base_model``; ``codec: train`` trains the codec first in the same run;
 * ``lora`` — peft LoRA (``lora_r`` 8, ``lora_alpha`` 16 as fish-speech) on the backbone, the depth
-  decoder or both (``lora_targets``) of ``base_model``; publishes the adapter (a peft folder the
-  server can hot-swap with ``PeftModel.load_adapter``), and with ``per_speaker: true`` (or a
-  ``speakers:`` list) one adapter per voice trained on that voice's lines, each published with the
-  base model and the speaker it belongs to; ``merge_after`` also publishes base + adapter merged;
+  decoder or both (``lora_targets``) of ``base_model`` (empty: the store's default tts model);
+  publishes the adapter (a peft folder the server can hot-swap with ``PeftModel.load_adapter``), and
+  with ``per_speaker: true`` (or a ``speakers:`` list) one adapter per voice trained on that voice's
+  lines, each published with the base model and the speaker it belongs to; ``merge_after`` also
+  publishes base + adapter merged;
 * ``merge`` — ``base_model`` + ``adapter`` → ``merge_and_unload`` → a standalone model, checked equal
   to the unmerged one on a probe before it is published;
 

@@ -99,6 +99,17 @@ def base_source(ctx: RunContext, cfg: Mapping[str, Any]) -> Source | None:
     return resolve_source(ctx, str(cfg.get("base_model") or ""))
 
 
+def default_base(ctx: RunContext) -> Source | None:
+    """The store's default model of this service (what the server speaks with), if it has one."""
+    if ctx.store is None:
+        return None
+    try:
+        record = ctx.store.resolve(ctx.record.service, "")
+    except ServiceError:
+        return None
+    return Source(str(record.path), record.ref)
+
+
 def read_speakers(folder: str | Path) -> dict[str, int]:
     path = Path(folder) / SPEAKERS_FILE
     if not path.is_file():
@@ -374,10 +385,14 @@ def run_lm(ctx: RunContext) -> None:
     audio = prepare_audio(ctx, cfg)
     base = base_source(ctx, cfg)
     if cfg["method"] == "lora" and base is None:
-        raise ValueError(
-            "lora trains adapters on a base model: set base_model (a tts model ref, a folder, "
-            "or a hub id such as sesame/csm-1b) or pass one to StartTraining"
-        )
+        base = default_base(ctx)
+        if base is None:
+            raise ValueError(
+                "lora trains adapters on a base model: set base_model (a tts model ref, a folder, "
+                "or a hub id such as sesame/csm-1b), pass one to StartTraining, or publish a default "
+                "tts model first"
+            )
+        ctx.log(f"lora on the service's default model {base.ref} (no base_model given)")
     per_speaker = bool(cfg["per_speaker"]) or bool(cfg["speakers"])
     codec_steps = int(cfg["codec_max_steps"]) if cfg["codec"] == "train" else 0
 

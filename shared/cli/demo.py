@@ -33,7 +33,7 @@ def demo_corpus(home: Path) -> Path:
 
     out = home / "demo-data"
     if not (out / "manifest.json").exists():
-        console.print(f"[bold]1/4[/] generating a synthetic drama corpus in {out} (espeak-ng + sox) …")
+        console.print(f"[bold]1.[/] generating a synthetic drama corpus in {out} (espeak-ng + sox) …")
         config = SynthConfig(
             seed=7,
             num_speakers=5,
@@ -48,7 +48,7 @@ def demo_corpus(home: Path) -> Path:
         synthesize_corpus(out, config)
         console.print(f"     corpus ready after {minutes(time.monotonic() - started)}")
     else:
-        console.print(f"[bold]1/4[/] using the synthetic corpus in {out}")
+        console.print(f"[bold]1.[/] using the synthetic corpus in {out}")
     return out
 
 
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     wav = corpus / "diarization" / "wav" / f"{uri}.wav"
     for service in DEMO_SERVICES:
         ensure_model(home, service)
-    console.print("[bold]2/4[/] starting the embedded stack (gateway + built services, CPU, loopback) …")
+    console.print("[bold]2.[/] starting the embedded stack (gateway + built services, CPU, loopback) …")
     stack_started = time.monotonic()
     stack, _ = start_stack(home, say=lambda m: console.print(f"  {m}"))
     console.print(f"     stack up after {minutes(time.monotonic() - stack_started)}")
@@ -218,14 +218,14 @@ def run(args: argparse.Namespace) -> int:
             return status
         if speaker is not None:
             return identify_demo(stack.gateway, token, f"127.0.0.1:{speaker.port}", corpus, uri, wav, args)
-        console.print(f"[bold]3/4[/] submitting scene {uri} ({wav}) to the gateway")
+        console.print(f"[bold]3.[/] submitting scene {uri} ({wav}) to the gateway")
         job = asyncio.run(run_job(stack.gateway, token, wav, "probe", {}))
         console.print(stage_table(job))
         if job.state != gateway_pb2.SUCCEEDED:
             console.print(f"[red]job failed:[/] {job.error}")
             return 1
         result = json_format.MessageToDict(job.result)
-        console.print("[bold]4/4[/] result")
+        console.print("[bold]4.[/] result")
         table = Table(title=f"scene {uri}")
         table.add_column("measure")
         table.add_column("value", justify="right")
@@ -261,11 +261,11 @@ def run(args: argparse.Namespace) -> int:
 def identify_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str, wav: Path,
                   args: argparse.Namespace) -> int:
     """Enroll the cast, then ask the gateway who speaks each line of a scene it has never heard."""
-    console.print("[bold]3/4[/] enrolling the cast from their reference lines (speaker service)")
+    console.print("[bold]3.[/] enrolling the cast from their reference lines (speaker service)")
     names = asyncio.run(enroll_cast(speaker, corpus))
     console.print("     " + ", ".join(f"{n} ({v})" for v, n in names.items()))
     lines = script_lines(corpus, uri)
-    console.print(f"[bold]4/4[/] who speaks each of the {len(lines)} lines of scene {uri}? (a gateway job)")
+    console.print(f"[bold]4.[/] who speaks each of the {len(lines)} lines of scene {uri}? (a gateway job)")
     params = {"segments": [[round(x["start"], 3), round(x["end"], 3)] for x in lines],
               "min_segment_seconds": 0.5}
     job = asyncio.run(run_job(gateway, token, wav, "identify_lines", params))
@@ -354,10 +354,10 @@ def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str,
     line says and how well it was acted."""
     from pyannote.core import Segment
 
-    console.print("[bold]3/5[/] enrolling the cast from their reference lines (speaker service)")
+    console.print("[bold]3.[/] enrolling the cast from their reference lines (speaker service)")
     names = asyncio.run(enroll_cast(speaker, corpus))
     console.print("     " + ", ".join(f"{n} ({v})" for v, n in names.items()))
-    console.print(f"[bold]4/5[/] analyze_scene on {uri}: diarize → identify each speaker → transcribe and "
+    console.print(f"[bold]4.[/] analyze_scene on {uri}: diarize → identify each speaker → transcribe and "
                   "score each line (a gateway job)")
     params = {"uri": uri, "min_segment_seconds": 0.5, "max_transcript_tokens": 24,
               **scene_context(corpus, uri)}
@@ -437,7 +437,7 @@ def scene_script(corpus: Path, uri: str) -> list[dict[str, Any]]:
 
 def revoice_demo(gateway: str, token: str, tts: str, corpus: Path, uri: str, wav: Path) -> int:
     """Give the cast TTS voices, then re-voice the scene's weakest line (revoice_scene)."""
-    console.print("[bold]5/5[/] revoice_scene on the weakest line: TTS takes in the character's voice, "
+    console.print("[bold]5.[/] revoice_scene on the weakest line: TTS takes in the character's voice, "
                   "each scored, transcribed and verified, the best spliced in (a gateway job)")
     voices = asyncio.run(add_tts_voices(tts, corpus))
     console.print(f"     TTS voices for {len(voices)} characters from their reference lines")
