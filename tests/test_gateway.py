@@ -17,6 +17,7 @@ from dramaturg.services.gateway.catalog import PIPELINES
 from dramaturg.services.gateway.config import GatewaySettings
 from dramaturg.services.gateway.pipelines import PipelineSpec, StageSpec
 from dramaturg.services.gateway.server import GatewayService
+from dramaturg.shared.config import ServerSettings
 from dramaturg.shared.grpc import errors
 from dramaturg.shared.grpc.errors import details_from_error
 from dramaturg.shared.grpc.server import Registration
@@ -318,6 +319,49 @@ def test_remote_stages_retry_resource_exhausted(dramaturg_home: Path, failures, 
         assert json_format.MessageToDict(final.result) == {"dimensions": ["pitch_variation", "dynamic_range"]}
     else:
         assert "RESOURCE_EXHAUSTED" in final.error
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_service_that_is_down_is_waited_for_without_spending_attempts(dramaturg_home: Path) -> None:
+    """The evaluator is down when the stage starts (killed, restarting) and comes back 1.5 s later on
+    its address: the stage keeps retrying UNAVAILABLE within the patience, then succeeds — with one
+    attempt allowed for errors of the work itself."""
+    port = free_port()
+    gw = gateway(dramaturg_home, remote_pipeline(1), services={"evaluator": f"127.0.0.1:{port}"})
+    with ServerThread(gw) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="remote", audio=wav_input()),
+                             metadata=AUTH, timeout=10)
+        time.sleep(1.5)
+        settings = ServerSettings(port=port, drain_notice_seconds=0.0, drain_grace_seconds=1.0)
+        with ServerThread(FlakyService(FlakyEvaluator(0)), settings=settings):
+            final = wait_done(stub, job.job_id, timeout=60)
+        watch = gateway_pb2.WatchJobRequest(job_id=job.job_id)
+        events = list(stub.WatchJob(watch, metadata=AUTH, timeout=10))
+    assert final.state == gateway_pb2.SUCCEEDED, final.error
+    assert final.stages[0].attempts > 1  # several tries while it was down, none counted against the 1
+    waits = [e.message for e in events if e.kind == gateway_pb2.LOG]
+    assert waits and all("UNAVAILABLE" in m and "patience 300s" in m for m in waits)
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(set(sequences))  # every event once, in order
+
+
+def test_a_service_down_past_the_patience_fails_the_stage(dramaturg_home: Path) -> None:
+    gw = gateway(dramaturg_home, remote_pipeline(3), services={"evaluator": f"127.0.0.1:{free_port()}"},
+                 service_down_patience_seconds=0.5)
+    with ServerThread(gw) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="remote", audio=wav_input()),
+                             metadata=AUTH, timeout=10)
+        final = wait_done(stub, job.job_id, timeout=60)
+    assert final.state == gateway_pb2.FAILED and "UNAVAILABLE" in final.error
 
 
 def test_unconfigured_service_fails_the_stage_with_a_fix(dramaturg_home: Path) -> None:

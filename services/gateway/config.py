@@ -24,6 +24,9 @@ class GatewaySettings(ServiceSettings):
     max_running_jobs: int = 4
     max_pending_jobs: int = 64
     retry_base_seconds: float = 0.5
+    # How long a stage waits for a model service that answers UNAVAILABLE (killed, restarting, being
+    # rolled) before the job fails; those retries do not count against the stage's attempts.
+    service_down_patience_seconds: float = Field(300.0, ge=0)
     # How a job's audio reaches the model services. The gateway decodes it once at submit into a
     # content-addressed blob (16 kHz mono WAV, under blob_root). "uri": requests name the blob
     # (AudioInput.uri) and the services read it, which needs a file system they share with the

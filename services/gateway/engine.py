@@ -140,6 +140,7 @@ def _decode_to_wav(message: common_pb2.AudioInput, limits: audio_io.AudioLimits)
 
 
 FILES_DIR = "files"  # a job's files, under its work folder
+MAX_BACKOFF_SECONDS = 10.0  # the longest wait between two attempts of a stage
 FILE_CHUNK_BYTES = 256 * 1024  # GetJobFile's pieces: well under any message limit
 
 
@@ -186,6 +187,7 @@ class JobEngine:
         max_running: int = 4,
         max_pending: int = 64,
         retry_base_seconds: float = 0.5,
+        service_down_patience_seconds: float = 300.0,
         blobs: BlobStore | None = None,
         transport: AudioTransport | None = None,
         max_audio_seconds: float = 3 * 3600.0,
@@ -197,6 +199,7 @@ class JobEngine:
         self.channels = channels
         self.max_pending = max_pending
         self.retry_base_seconds = retry_base_seconds
+        self.service_down_patience_seconds = service_down_patience_seconds
         self.blobs = blobs or BlobStore(default_blob_root())  # where the services look by default
         self.transport = transport or AudioTransport()
         self.max_audio_seconds = max_audio_seconds
@@ -667,7 +670,10 @@ class JobEngine:
             self._save(job, S.STAGE_STATE_CHANGED, name, f"skipped: {reason}")
             return output
         first_attempt = stage.attempts + 1
-        for attempt in range(first_attempt, first_attempt + stage_spec.max_attempts):
+        attempt, counted = first_attempt - 1, 0
+        down_since: float | None = None  # when the service first answered UNAVAILABLE, in a row
+        while True:
+            attempt += 1
             stage.attempts = attempt
             stage.state = S.STAGE_RUNNING
             stage.progress = 0.0
@@ -691,8 +697,9 @@ class JobEngine:
                 transport=self.transport,
             )
             began = time.perf_counter()
-            backoff = self.retry_base_seconds * 2 ** (attempt - first_attempt)
+            backoff = min(self.retry_base_seconds * 2 ** (attempt - first_attempt), MAX_BACKOFF_SECONDS)
             delay: float | None = None
+            code: grpc.StatusCode | None = None
             try:
                 async with asyncio.timeout(stage_spec.timeout_seconds):
                     output = await stage_spec.run(ctx)
@@ -701,6 +708,7 @@ class JobEngine:
                 delay = backoff
             except grpc.aio.AioRpcError as exc:
                 detail = details_from_error(exc)
+                code = exc.code()
                 message = f"{stage_spec.service} answered {exc.code().name}: {detail.message}"
                 delay = retry_after(exc.code(), detail.message, reason=detail.reason,
                                     server_delay=detail.retry_after_seconds, backoff=backoff)
@@ -708,6 +716,7 @@ class JobEngine:
                     message += _TOO_LARGE_HINT
             except ServiceError as exc:
                 message = exc.message
+                code = exc.code
                 delay = retry_after(exc.code, exc.message, reason=exc.reason,
                                     server_delay=exc.retry_after_seconds, backoff=backoff)
                 if message_too_large(exc.code, exc.message, exc.reason):
@@ -728,7 +737,23 @@ class JobEngine:
                 return output
             STAGE_SECONDS.labels(spec.name, name, "failed").observe(time.perf_counter() - began)
             stage.error = message
-            last = attempt == first_attempt + stage_spec.max_attempts - 1
+            if code == grpc.StatusCode.UNAVAILABLE and delay is not None:
+                # a service that is down (killed, restarting, rolled) is waited for, up to the patience,
+                # without spending the attempts kept for errors of the work itself
+                down_since = time.monotonic() if down_since is None else down_since
+                down = time.monotonic() - down_since
+                if down + delay <= self.service_down_patience_seconds:
+                    STAGE_RETRIES.labels(spec.name, name).inc()
+                    stage.state = S.STAGE_PENDING
+                    self._save(job, S.LOG, name, f"{message}; the {stage_spec.service} service has been "
+                               f"unavailable for {down:.0f}s, retrying in {delay:.1f}s (patience "
+                               f"{self.service_down_patience_seconds:g}s)")
+                    await asyncio.sleep(delay)
+                    continue
+            else:
+                down_since = None
+            counted += 1
+            last = counted >= stage_spec.max_attempts
             if delay is None or last:
                 stage.state = S.STAGE_FAILED
                 stage.finished_at.CopyFrom(_now())
@@ -738,4 +763,3 @@ class JobEngine:
             stage.state = S.STAGE_PENDING
             self._save(job, S.LOG, name, f"{message}; retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
-        raise _StageFailed(name, "no attempts left")

@@ -102,6 +102,7 @@ class GatewayService(Service):
             max_running=settings.max_running_jobs,
             max_pending=settings.max_pending_jobs,
             retry_base_seconds=settings.retry_base_seconds,
+            service_down_patience_seconds=settings.service_down_patience_seconds,
             blobs=self.blobs,
             transport=AudioTransport(settings.audio_transport, settings.inline_message_limit_bytes),
             max_audio_seconds=settings.max_audio_seconds,
