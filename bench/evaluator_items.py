@@ -11,8 +11,9 @@ traits) and all ten realism dimensions.
   language-model passes of one prompt each (what scoring "one (prompt, clip) pair at a time" costs);
 * **gRPC**: ``Evaluator.Evaluate`` (WAV decode, validation, prompts, the model slot, the same scoring,
   serialisation) on the evaluator service on loopback, in a thread with its own event loop, at 1 and 8
-  concurrent clients: items/s and the p50 / p95 latency of a request. The service runs one evaluation
-  at a time (no batching across requests yet), so 8 clients measure queueing, not batching.
+  concurrent clients: items/s and the p50 / p95 latency of a request. With ``--batching on`` (the
+  service's default on a GPU) concurrent requests share model calls (``scoring.score_batch``); with
+  ``off`` (its default on CPU, this bench's) they run one at a time, so 8 clients measure queueing.
 
 Every model call — loading, warm-up, the in-process scoring and the service's own — runs on the
 service's ONE model thread with the same torch thread count (``--threads``): an idle OpenMP pool in
@@ -107,7 +108,7 @@ class Server:
     bench can publish the model and set torch's threads there first.
     """
 
-    def __init__(self, home: Path, device: str, waiting: int) -> None:
+    def __init__(self, home: Path, device: str, waiting: int, batching: bool = True) -> None:
         from dramaturg.services.evaluator.config import EvaluatorSettings
         from dramaturg.services.evaluator.server import EvaluatorService
         from dramaturg.shared.config import ServerSettings
@@ -115,6 +116,7 @@ class Server:
         settings = EvaluatorSettings(
             device=device,
             max_waiting=waiting,
+            batching=batching,
             server=ServerSettings(port=0, drain_notice_seconds=0),
         )
         self.service = EvaluatorService(settings, home=home)
@@ -330,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         "in OpenMP barriers: benchmark on a quiet machine, or compare with --threads 1)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    parser.add_argument("--batching", choices=("on", "off"), default="off",
+                        help="the service's dynamic batching of concurrent requests (its default: on a GPU)")
     parser.add_argument("--quick", action="store_true", help="a few items: a smoke run, not a measurement")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.quick:
         args.items = min(args.items, 6)
-    out = Path(args.out or f"bench/results/evaluator_items{'_quick' if args.quick else ''}.json")
+    suffix = ("_quick" if args.quick else "") + ("_batched" if args.batching == "on" else "")
+    out = Path(args.out or f"bench/results/evaluator_items{suffix}.json")
     warm = 1 if args.quick else 2
     clients_list = (1, 8)
 
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        server = Server(home, args.device, waiting=max(clients_list))
+        server = Server(home, args.device, waiting=max(clients_list), batching=args.batching == "on")
         device = server.service.device
 
         def prepare() -> InProcess:
@@ -406,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "note": "a smoke run, not a measurement" if args.quick else "",
         "machine": machine(args.threads, device, load_before),
+        "batching": args.batching,
         "model": {
             "ref": local.record.ref,
             "source": args.model,

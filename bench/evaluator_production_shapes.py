@@ -11,6 +11,8 @@ Measured, one item at a time, on the same synthetic 3-4 s utterances as ``evalua
 
 * all ten realism dimensions in one pass (one encoding, ten prompts in one batch: ``score_item``) vs
   one pass per dimension (ten encodings, ten one-prompt passes) — items/s and latency;
+* eight requests as the service's batcher hands them to the model (``score_batch``: eight clips in
+  one encoder pass, their eighty prompts in one language-model batch) — items/s, latency per batch;
 * peak GPU memory (``torch.cuda.max_memory_allocated``) of each, with the weights' own size.
 
 ``python -m bench.evaluator_production_shapes [--items N] [--quick]``; results in
@@ -65,8 +67,8 @@ def production_shaped(device: str) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from dramaturg.services.evaluator.prompts import DIMENSIONS, REALISM
-    from dramaturg.services.evaluator.scoring import score_item
+    from dramaturg.services.evaluator.prompts import DIMENSIONS, REALISM, item_prompt
+    from dramaturg.services.evaluator.scoring import score_batch, score_item
 
     parser = argparse.ArgumentParser(prog="python -m bench.evaluator_production_shapes", description=__doc__)
     parser.add_argument("--items", type=int, default=32)
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         for dimension in dimensions:
             score_item(model, processor, item.audio, item.item, dimensions=[dimension], detailed=True)
 
+    def batched(group: list[Item]) -> None:
+        prompts = [[item_prompt(item.item, d, detailed=True) for d in dimensions] for item in group]
+        score_batch(model, processor, [item.audio for item in group], prompts)
+
     rows = {}
     for name, fn in (("one pass, all dimensions", one_pass), ("one pass per dimension", per_dimension)):
         for item in items[:warm]:  # warm-up (kernels, allocator), not timed
@@ -109,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
             latencies.append(time.perf_counter() - t0)
         rows[name] = summary(n, time.perf_counter() - began, latencies) | {
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    group = 8  # what the service's batcher hands the model from 8 concurrent requests
+    for item_group in (items[:group],):  # warm-up
+        batched(item_group)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    latencies, began = [], time.perf_counter()
+    timed = items[warm:]
+    for start in range(0, len(timed) - group + 1, group):
+        t0 = time.perf_counter()
+        batched(timed[start : start + group])
+        torch.cuda.synchronize()
+        latencies.append(time.perf_counter() - t0)
+    done = group * len(latencies)
+    rows[f"{group} requests batched"] = summary(done, time.perf_counter() - began, latencies) | {
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "latency_is": "per batch"}
     ratio = rows["one pass, all dimensions"]["items_per_s"] / rows["one pass per dimension"]["items_per_s"]
     result = {
         "bench": "evaluator_production_shapes",
@@ -120,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         "items": n,
         "rows": rows,
         "one_pass_over_per_dimension": round(ratio, 2),
+        "batched_over_one_pass": round(rows[f"{group} requests batched"]["items_per_s"]
+                                       / rows["one pass, all dimensions"]["items_per_s"], 2),
     }
     for name, row in rows.items():
         print(f"{name:28s} {row['items_per_s']:8.2f} items/s  p50 {row['p50_ms']:8.1f} ms  "
               f"p95 {row['p95_ms']:8.1f} ms  peak {row['peak_gib']:6.2f} GiB")
     print(f"{parameters / 1e9:.2f} B parameters, weights {weights / 2**30:.2f} GiB; one pass / per dimension "
-          f"{ratio:.2f}×")
+          f"{ratio:.2f}×; {group} batched / one pass {result['batched_over_one_pass']:.2f}×")
     out = Path(args.out or Path(__file__).parent / "results" /
                f"evaluator_production_shapes{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,34 @@ def test_dimensions_share_one_audio_encoding(tiny, items):
     assert len(scoring.generate_answers(model, processor, encoding, texts, max_new_tokens=4)) == 3
 
 
+def test_a_batch_of_requests_scores_as_each_alone(tiny, items):
+    """Several clips of different lengths, each with its own prompts: one encoder pass for all of them,
+    one language-model batch over every row, and each clip's scores those of :func:`score_item`."""
+    model, processor = tiny
+    clips = [_clip(seconds, seed=i) for i, seconds in enumerate((0.8, 2.3, 4.1))]
+    cases = [(items["role"], REALISM_DIMENSIONS[:4]), (items["arche"], None),
+             (items["role"], REALISM_DIMENSIONS)]
+    prompts_per_clip = [[prompts.item_prompt(item, d) for d in (dims or prompts.item_dimensions(item))]
+                        for item, dims in cases]
+    calls: list[tuple[int, ...]] = []
+    hook = model.model.audio_tower.register_forward_hook(
+        lambda m, args, out: calls.append(tuple(args[0].shape))
+    )
+    try:
+        batched = scoring.score_batch(model, processor, clips, prompts_per_clip)
+    finally:
+        hook.remove()
+    assert calls == [(3, 128, 500)]  # three clips, one encoder pass
+    for clip, (item, dims), result in zip(clips, cases, batched, strict=True):
+        alone = scoring.score_item(model, processor, clip, item, dimensions=dims)
+        assert result.score.tolist() == pytest.approx([r.score for r in alone.values()], abs=BATCH_TOLERANCE)
+        assert result.digit_mass.tolist() == pytest.approx([r.digit_mass for r in alone.values()],
+                                                           abs=BATCH_TOLERANCE)
+    chunked = scoring.score_batch(model, processor, clips, prompts_per_clip, batch_size=4)
+    assert [c.score.tolist() for c in chunked] == [
+        pytest.approx(b.score.tolist(), abs=1e-6) for b in batched]
+
+
 # ------------------------------------------------------------------------------------- SFT collator
 
 

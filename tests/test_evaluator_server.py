@@ -213,7 +213,7 @@ def test_unknown_model_is_not_found(served: Served) -> None:
 @pytest.fixture()
 def strict(dramaturg_home: Path) -> Iterator[Served]:
     publish_tiny(dramaturg_home)
-    running = Served(dramaturg_home, max_waiting=0)
+    running = Served(dramaturg_home, max_waiting=0)  # on CPU: one request at a time, the admission path
     yield running
     running.stop()
 
@@ -262,6 +262,88 @@ def test_concurrent_requests_queue_and_agree(served: Served) -> None:
         t.join()
     assert len(replies) == 3 and len({r.mean_score for r in replies}) == 1
     assert time.monotonic() - began < 60
+
+
+def loaded(service: EvaluatorService):
+    """The one model the service has loaded (its warm-up loaded the default)."""
+    (entry,) = service.models._loaded.values()
+    return entry.model
+
+
+def evaluate_calls() -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"grpc_service": "dramaturg.evaluator.v1.Evaluator", "grpc_method": "Evaluate",
+              "grpc_type": "unary"}
+    return REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
+
+
+def batch_sizes() -> tuple[float, float]:
+    from prometheus_client import REGISTRY
+
+    labels = {"service": "evaluator", "queue": "evaluate"}
+    return (REGISTRY.get_sample_value("dramaturg_batch_size_sum", labels) or 0.0,
+            REGISTRY.get_sample_value("dramaturg_batch_size_count", labels) or 0.0)
+
+
+@pytest.fixture()
+def batching(dramaturg_home: Path) -> Iterator[Served]:
+    publish_tiny(dramaturg_home)
+    running = Served(dramaturg_home, batching=True)  # on CPU batching is off unless asked for
+    yield running
+    running.stop()
+
+
+def test_concurrent_requests_are_batched_and_score_as_alone(batching: Served) -> None:
+    """Four requests arrive while the model thread is busy: they run as one batch (one encoder pass,
+    one language-model batch) and each gets the scores it gets alone."""
+    served = batching
+    clips = [speechlike(1.5 + 0.7 * i, seed=10 + i) for i in range(4)]
+    some = ["pitch_variation", "dynamic_range", "emotion_accuracy"]
+    replies: dict[int, evaluator_pb2.EvaluateResponse] = {}
+    release = hold_model_thread(served.service)
+    before, arrived = batch_sizes(), evaluate_calls()
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(
+        i, served.stub.Evaluate(request(clips[i], dimensions=some), timeout=60))) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: evaluate_calls() - arrived >= 4, 10, "the requests to arrive")
+        time.sleep(0.5)  # decoded and queued (or in a first batch waiting for the model thread)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+    total, batches = (a - b for a, b in zip(batch_sizes(), before, strict=True))
+    assert total == 4 and batches <= 2  # four requests in at most two model calls
+    for i, clip in enumerate(clips):
+        quantised = np.round(np.clip(clip, -1, 1) * 32767) / 32767
+        check_equal(replies[i], in_process(served.home, quantised, ITEM, some), some)
+
+
+def test_a_full_batch_queue_is_resource_exhausted(dramaturg_home: Path) -> None:
+    publish_tiny(dramaturg_home)
+    running = Served(dramaturg_home, max_queue=1, max_batch_items=1, batching=True)
+    release = hold_model_thread(running.service)
+    first: list = []
+    workers = [threading.Thread(target=lambda: first.append(running.stub.Evaluate(request(), timeout=60)))
+               for _ in range(2)]
+    try:
+        workers[0].start()
+        model = loaded(running.service)
+        wait_for(lambda: evaluate_calls() >= 1, 10, "the first request to arrive")
+        time.sleep(0.5)  # the scheduler takes it into a batch, which waits for the busy model thread
+        assert model.batcher.queue_depth == 0
+        workers[1].start()
+        wait_for(lambda: model.batcher.queue_depth == 1, 10, "the second request to queue")
+        code, message, _ = error(lambda: running.stub.Evaluate(request(), timeout=30))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    finally:
+        release.set()
+        for w in workers:
+            w.join(60)
+        running.stop()
+    assert len(first) == 2
 
 
 def test_a_model_is_prompted_in_the_style_it_was_trained_on(dramaturg_home: Path) -> None:

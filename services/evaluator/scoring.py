@@ -128,6 +128,38 @@ def audio_features(processor: Qwen2AudioProcessor, audio: np.ndarray) -> dict[st
     }
 
 
+def encode_audios(
+    model: nn.Module, processor: Qwen2AudioProcessor, audios: Sequence[np.ndarray]
+) -> list[AudioEncoding]:
+    """Encoder + projector on several clips in one pass (each padded to the window, its own mask):
+    what :func:`encode_audio` gives each of them, within float error."""
+    check_window(model, processor)
+    inner = unwrap(model).model
+    tower = inner.audio_tower
+    features = processor.feature_extractor(
+        [np.asarray(a, dtype=np.float32) for a in audios],
+        sampling_rate=SAMPLE_RATE,
+        padding="max_length",
+        truncation=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    input_features = features["input_features"].to(tower.device)
+    frames = features["attention_mask"].to(tower.device).sum(-1)
+    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(frames)
+    positions = (input_features.shape[-1] - 2) // 2 + 1
+    frame_mask = (torch.arange(positions, device=tower.device)[None, :] < conv_lengths[:, None]).long()
+    dtype = inner.get_input_embeddings().weight.dtype
+    attention = create_bidirectional_mask(
+        config=tower.config,
+        inputs_embeds=torch.zeros((len(audios), positions, 1), dtype=dtype, device=tower.device),
+        attention_mask=frame_mask,
+    )
+    hidden = tower(input_features.to(dtype), attention_mask=attention).last_hidden_state
+    projected = inner.multi_modal_projector(hidden)
+    return [AudioEncoding(projected[i, : int(token_lengths[i])]) for i in range(len(audios))]
+
+
 def encode_audio(model: nn.Module, processor: Qwen2AudioProcessor, audio: np.ndarray) -> AudioEncoding:
     """Encoder + projector on one clip, as ``Qwen2AudioModel.forward`` runs them (module docstring).
 
@@ -148,7 +180,7 @@ def encode_audio(model: nn.Module, processor: Qwen2AudioProcessor, audio: np.nda
         inputs_embeds=torch.zeros((1, positions, 1), dtype=dtype, device=tower.device),
         attention_mask=frame_mask,
     )
-    hidden = tower(input_features, attention_mask=attention).last_hidden_state
+    hidden = tower(input_features.to(dtype), attention_mask=attention).last_hidden_state
     embeds = inner.multi_modal_projector(hidden)[0, : int(token_lengths[0])]
     return AudioEncoding(embeds)
 
@@ -180,17 +212,24 @@ def prompt_texts(
 def embed_prompts(
     model: nn.Module,
     processor: Qwen2AudioProcessor,
-    encoding: AudioEncoding,
+    encoding: AudioEncoding | Sequence[AudioEncoding],
     prompts: Sequence[str],
     *,
     answer_prefix: bool,
 ) -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``inputs_embeds`` (audio written in).
 
-    Every row gets the same ``encoding`` (repeated along the batch, not re-encoded).
+    One ``encoding``: every row gets it (repeated along the batch, not re-encoded); a sequence: one per
+    row (rows about different clips, as a batch of several requests has).
     """
     base = unwrap(model)
-    texts = prompt_texts(processor, prompts, encoding.num_tokens, answer_prefix=answer_prefix)
+    encodings = [encoding] * len(prompts) if isinstance(encoding, AudioEncoding) else list(encoding)
+    if len(encodings) != len(prompts):
+        raise ValueError(f"{len(encodings)} audio encodings for {len(prompts)} prompts")
+    texts = [
+        prompt_texts(processor, [prompt], enc.num_tokens, answer_prefix=answer_prefix)[0]
+        for prompt, enc in zip(prompts, encodings, strict=True)
+    ]
     batch = processor.tokenizer(
         texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
     )
@@ -199,10 +238,12 @@ def embed_prompts(
     attention_mask = batch["attention_mask"].to(device)
     embeds = base.get_input_embeddings()(input_ids)
     audio_positions = input_ids == int(base.config.audio_token_id)
-    found = audio_positions.sum(dim=1)
-    if not bool((found == encoding.num_tokens).all()):
-        raise ValueError(f"audio tokens per row {found.tolist()}, the encoding has {encoding.num_tokens}")
-    source = encoding.embeds.to(device, embeds.dtype).repeat(len(texts), 1)
+    found = audio_positions.sum(dim=1).tolist()
+    expected = [enc.num_tokens for enc in encodings]
+    if found != expected:
+        raise ValueError(f"audio tokens per row {found}, the encodings have {expected}")
+    # masked_scatter fills the audio positions row by row: the rows' encodings, in row order
+    source = torch.cat([enc.embeds.to(device, embeds.dtype) for enc in encodings])
     embeds = embeds.masked_scatter(audio_positions[..., None], source)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return {
@@ -249,6 +290,37 @@ def score_prompts(
         inputs = embed_prompts(model, processor, encoding, prompts[start : start + step], answer_prefix=True)
         parts.append(score_logits(answer_logits(model, inputs), digit_ids))
     return ScoreTensors(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+
+@torch.no_grad()
+def score_batch(
+    model: nn.Module,
+    processor: Qwen2AudioProcessor,
+    audios: Sequence[np.ndarray],
+    prompts: Sequence[Sequence[str]],
+    *,
+    batch_size: int | None = None,
+) -> list[ScoreTensors]:
+    """Several requests at once: every clip encoded in one encoder pass, then all their prompts (each
+    row with its own clip's audio) through the language model, ``batch_size`` rows a pass (None: all).
+    Returns one :class:`ScoreTensors` per clip, its prompts in order."""
+    digit_ids = digit_token_ids(processor.tokenizer)
+    encodings = encode_audios(model, processor, audios)
+    rows = [(enc, prompt) for enc, own in zip(encodings, prompts, strict=True) for prompt in own]
+    step = len(rows) if not batch_size else int(batch_size)
+    parts = []
+    for start in range(0, len(rows), max(step, 1)):
+        chunk = rows[start : start + step]
+        inputs = embed_prompts(model, processor, [e for e, _ in chunk], [p for _, p in chunk],
+                               answer_prefix=True)
+        parts.append(score_logits(answer_logits(model, inputs), digit_ids))
+    score, distribution, mass = (torch.cat(field) for field in zip(*parts, strict=True))
+    out, offset = [], 0
+    for own in prompts:
+        end = offset + len(own)
+        out.append(ScoreTensors(score[offset:end], distribution[offset:end], mass[offset:end]))
+        offset = end
+    return out
 
 
 @torch.no_grad()

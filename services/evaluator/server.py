@@ -5,18 +5,23 @@ A request is checked completely before it queues for the model: first each field
 named, the audio decoded, the rubric, the dimensions, each context field's length), then how they
 combine (the span inside the audio and inside the model's encoder window; the context the rubric's
 prompts need). Field checks come first, so an error names the broken field whatever else the request
-holds. Then the request takes the one model slot (``shared/admission``: a full waiting room is
-RESOURCE_EXHAUSTED with a retry delay) and runs on the service's model thread: the clip is encoded ONCE
-(``scoring.encode_audio``) and every requested dimension's prompt is scored in one batched pass of the
-language model over that encoding (``scoring.score_prompts``): the expected value of the answer digit,
-its renormalised distribution and the mass the five digits had (the format check). A deadline or a
-cancelled call stops the work between the encoding and the scoring (``shared/cancellation``).
+holds. Then, with ``batching`` on (the default on a GPU), it joins the model's dynamic batcher
+(``shared/batching``: a bounded queue, RESOURCE_EXHAUSTED with a retry delay when full; a request whose
+caller went away or whose deadline passed before its batch runs is dropped): concurrent requests run
+together on the service's model thread — their clips through the encoder in one pass and every prompt
+of every request in one language-model batch (``scoring.score_batch``), each clip encoded ONCE for all
+its dimensions. With batching off, the request takes the one model slot (``shared/admission``) and a
+deadline or a cancelled call stops the work between the encoding and the scoring
+(``shared/cancellation``). Scores are the expected value of the answer digit, its renormalised
+distribution and the mass the five digits had (the format check).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ from dramaturg.services.evaluator.prompts import (
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared import metrics
 from dramaturg.shared.admission import ConcurrencyLimiter
+from dramaturg.shared.batching import DynamicBatcher
 from dramaturg.shared.cancellation import ShouldStop, Stopped, never_stop, run_cancellable
 from dramaturg.shared.grpc.errors import echo, invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
@@ -86,7 +92,8 @@ class LoadedEvaluator:
     """A loaded evaluator with its processor. :meth:`score` runs on the service's model thread."""
 
     def __init__(self, model: Any, processor: Any, record: ModelRecord, device: str,
-                 detailed: bool = True) -> None:
+                 detailed: bool = True, settings: EvaluatorSettings | None = None,
+                 executor: Executor | None = None) -> None:
         self.model = model
         self.processor = processor
         self.record = record
@@ -94,6 +101,35 @@ class LoadedEvaluator:
         self.detailed = detailed  # the prompt style it was trained on (its store label), else the setting
         audio_config = model.config.audio_config
         self.window_seconds = 2 * int(audio_config.max_source_positions) * 160 / SAMPLE_RATE
+        self.batch_size = settings.batch_size if settings is not None else 0
+        self.batcher: DynamicBatcher[Job, Scores] | None = None
+        batching = settings.batching if settings is not None else False
+        if batching is None:  # unset: batch on a GPU, where one padded batch costs about one request
+            batching = str(device).startswith("cuda")
+        if batching:
+            self.batcher = DynamicBatcher(
+                self.score_many,
+                max_batch_size=settings.max_batch_items,
+                max_wait_ms=settings.max_wait_ms,
+                max_queue=settings.max_queue,
+                executor=executor,  # the service's model thread, as every other model call
+                name=f"evaluator:{record.ref}",
+                **metrics.batcher_hooks(SERVICE, "evaluate", settings.max_queue),
+            )
+
+    def score_many(self, jobs: list[Job]) -> list[Scores]:
+        """Several requests in one pass: their clips through the encoder together, then all their
+        prompts (each with its own clip's audio) through the language model."""
+        from dramaturg.services.evaluator.scoring import score_batch
+
+        results = score_batch(self.model, self.processor, [j.audio for j in jobs], [j.prompts for j in jobs],
+                              batch_size=self.batch_size or None)
+        return [Scores(r.score.cpu().numpy(), r.distribution.cpu().numpy(), r.digit_mass.cpu().numpy())
+                for r in results]
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop(drain=True)
 
     def score(self, job: Job, should_stop: ShouldStop, batch_size: int = 0) -> Scores:
         import torch
@@ -193,16 +229,19 @@ class EvaluatorServicer(ModelServicer[LoadedEvaluator], evaluator_pb2_grpc.Evalu
         model = await self.model(request.model)
         job = await self._job(request, model)
         deadline = deadline_of(context)
-        async with self.service.limiter.slot(deadline):
-            began = time.perf_counter()
-            scores = await run_cancellable(
-                self.service.executor,
-                lambda stop: model.score(job, stop, self.settings.batch_size),
-                deadline,
-                what="the evaluation",
-                deadline_hint=DEADLINE_HINT,
-            )
-            seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        if model.batcher is not None:  # waits for a batch; a caller gone before it runs costs nothing
+            scores = await model.batcher.submit(job, deadline=deadline)
+        else:
+            async with self.service.limiter.slot(deadline):
+                scores = await run_cancellable(
+                    self.service.executor,
+                    lambda stop: model.score(job, stop, self.settings.batch_size),
+                    deadline,
+                    what="the evaluation",
+                    deadline_hint=DEADLINE_HINT,
+                )
+        seconds = time.perf_counter() - began
         ref = model.record.ref
         score = require_finite(scores.score, "the scores", model=ref)
         distribution = require_finite(scores.distribution, "the score distributions", model=ref)
@@ -254,7 +293,11 @@ class EvaluatorService(ModelService):
         require_servable(record)
         model, processor = load_evaluator(record.path, device=device)
         detailed = detailed_for(record.labels, self.settings.detailed_prompts)
-        return LoadedEvaluator(model, processor, record, device, detailed)
+        return LoadedEvaluator(model, processor, record, device, detailed, self.settings, self.executor)
+
+    def release_model(self, model: LoadedEvaluator) -> None:
+        if model.batcher is not None:
+            asyncio.get_event_loop().create_task(model.close())
 
     async def warm_up(self, model: LoadedEvaluator) -> None:
         dimension = rubric_dimensions(Rubric.ARCHETYPE)[0]
