@@ -445,3 +445,64 @@ def test_reflection_lists_the_gateway_and_health(dramaturg_home: Path) -> None:
     with ServerThread(gateway(dramaturg_home)) as srv, grpc.insecure_channel(srv.target) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"dramaturg.gateway.v1.Gateway", "grpc.health.v1.Health"} <= services
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_cancelling_a_job_cancels_its_stage_requests_in_the_service(dramaturg_home: Path) -> None:
+    """A stage fans four Evaluate requests out to a real evaluator whose model thread is busy; the
+    job is cancelled: the evaluator sees every request cancelled (its own metrics) and scores none."""
+    from dramaturg.services.evaluator.config import EvaluatorSettings
+    from dramaturg.services.evaluator.server import EvaluatorService
+    from dramaturg.services.gateway.pipelines import fan_out
+    from hostile import speechlike, wav
+    from prometheus_client import REGISTRY
+    from test_evaluator_server import CONTEXT, hold_model_thread, publish_tiny
+
+    publish_tiny(dramaturg_home)
+    audio = common_pb2.AudioInput(content=wav(speechlike(1.0, seed=3)))
+    labels = {"grpc_type": "unary", "grpc_service": "dramaturg.evaluator.v1.Evaluator",
+              "grpc_method": "Evaluate"}
+
+    def count(name: str, **extra: str) -> float:
+        return REGISTRY.get_sample_value(name, {**labels, **extra}) or 0.0
+
+    async def score_four(ctx):
+        stub = evaluator_pb2_grpc.EvaluatorStub(ctx.channel("evaluator"))
+        request = evaluator_pb2.EvaluateRequest(audio=audio, rubric=evaluator_pb2.REALISM, context=CONTEXT)
+        replies = await fan_out(ctx, [0, 1, 2, 3], lambda _: stub.Evaluate(request, timeout=60), "scored")
+        return {"n": len(replies)}
+
+    spec = PipelineSpec(name="four", description="four Evaluate requests at once",
+                        stages=(StageSpec("score", score_four, service="evaluator"),),
+                        result=lambda outputs: outputs["score"])
+    evaluator = EvaluatorService(EvaluatorSettings(max_waiting=8), home=dramaturg_home)
+    with ServerThread(evaluator) as model:
+        release = hold_model_thread(evaluator)
+        started, cancelled = count("grpc_server_started_total"), count("grpc_server_handled_total",
+                                                                        grpc_code="CANCELLED")
+        scored = REGISTRY.get_sample_value("dramaturg_audio_seconds_total",
+                                           {"service": "evaluator", "method": "Evaluate"}) or 0.0
+        gw = gateway(dramaturg_home, {"four": spec}, services={"evaluator": model.target})
+        with ServerThread(gw) as srv, grpc.insecure_channel(srv.target) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="four", audio=wav_input()),
+                                 metadata=AUTH, timeout=10)
+            wait_until(lambda: count("grpc_server_started_total") - started >= 4)
+            cancel = gateway_pb2.CancelJobRequest(job_id=job.job_id)
+            final = stub.CancelJob(cancel, metadata=AUTH, timeout=10)
+            # the three waiting for the model slot leave at once; the one holding it stops at its next
+            # check, when the model thread is free again — before any scoring
+            wait_until(lambda: count("grpc_server_handled_total", grpc_code="CANCELLED") - cancelled >= 3)
+        release.set()
+        wait_until(lambda: count("grpc_server_handled_total", grpc_code="CANCELLED") - cancelled >= 4)
+        after = REGISTRY.get_sample_value("dramaturg_audio_seconds_total",
+                                          {"service": "evaluator", "method": "Evaluate"}) or 0.0
+    assert final.state == gateway_pb2.CANCELLED
+    assert final.stages[0].state == gateway_pb2.STAGE_CANCELLED
+    assert after == scored  # no evaluation was completed for the cancelled job
