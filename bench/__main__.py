@@ -10,6 +10,7 @@ BENCHMARKS = {
     "speaker-embed": "bench.speaker_embed",
     "diarization-rtf": "bench.diarization_rtf",
     "evaluator-items": "bench.evaluator_items",
+    "gateway-load": "bench.gateway_load",
 }
 
 
