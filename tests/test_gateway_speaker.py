@@ -57,7 +57,8 @@ def test_a_stage_whose_service_is_down_fails_after_retries(dramaturg_home: Path)
     from dramaturg.shared.cli.stack import free_port
 
     settings = GatewaySettings(
-        api_token="t", services={"speaker": f"127.0.0.1:{free_port()}"}, retry_base_seconds=0.05
+        api_token="t", services={"speaker": f"127.0.0.1:{free_port()}"}, retry_base_seconds=0.05,
+        service_down_patience_seconds=1.0,  # then the attempts kept for errors of the work are spent
     )
     with (
         ServerThread(GatewayService(settings, home=dramaturg_home)) as gw,
@@ -76,4 +77,4 @@ def test_a_stage_whose_service_is_down_fails_after_retries(dramaturg_home: Path)
             time.sleep(0.1)
     assert job.state == gateway_pb2.FAILED
     identify = next(s for s in job.stages if s.name == "identify")
-    assert identify.attempts == 3 and "UNAVAILABLE" in identify.error
+    assert identify.attempts >= 3 and "UNAVAILABLE" in identify.error

@@ -141,6 +141,7 @@ def _decode_to_wav(message: common_pb2.AudioInput, limits: audio_io.AudioLimits)
 
 FILES_DIR = "files"  # a job's files, under its work folder
 MAX_BACKOFF_SECONDS = 10.0  # the longest wait between two attempts of a stage
+PROGRESS_INTERVAL_SECONDS = 0.25  # a stage's progress events, at most this often (its last always)
 FILE_CHUNK_BYTES = 256 * 1024  # GetJobFile's pieces: well under any message limit
 
 
@@ -681,8 +682,17 @@ class JobEngine:
             stage.started_at.CopyFrom(_now())
             self._save(job, S.STAGE_STATE_CHANGED, name, f"attempt {attempt}")
 
-            async def report(fraction: float, message: str, _stage: gateway_pb2.Stage = stage) -> None:
+            last_report = [0.0]
+
+            async def report(fraction: float, message: str, _stage: gateway_pb2.Stage = stage,
+                             _last: list[float] = last_report) -> None:
+                # every progress event writes the whole job to the store: per-line stages would write
+                # one per line, so they are kept to one per PROGRESS_INTERVAL_SECONDS (and the last)
                 _stage.progress = max(0.0, min(1.0, fraction))
+                now = time.monotonic()
+                if fraction < 1.0 and now - _last[0] < PROGRESS_INTERVAL_SECONDS:
+                    return
+                _last[0] = now
                 self._save(job, S.STAGE_PROGRESS, name, message)
 
             ctx = StageContext(
