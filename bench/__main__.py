@@ -11,6 +11,7 @@ BENCHMARKS = {
     "diarization-rtf": "bench.diarization_rtf",
     "evaluator-items": "bench.evaluator_items",
     "gateway-load": "bench.gateway_load",
+    "tts-synthesis": "bench.tts_synthesis",
 }
 
 
