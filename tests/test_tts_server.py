@@ -7,6 +7,7 @@ admission. The tiny model never samples its end-of-audio frame, so every synthes
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -619,3 +620,27 @@ def test_adapters_published_in_the_store_become_voices_of_their_base_model(drama
         assert code == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         served.stop()
+
+
+def test_a_speaker_the_model_was_trained_on_is_a_voice_id(dramaturg_home: Path) -> None:
+    """A model's speakers.json (what the full / lora recipes write) names voices without AddVoice:
+    its names are voice ids, prompted with their trained speaker id; others are NOT_FOUND with the list."""
+    from dramaturg.services.tts.model import write_tiny_model
+
+    store = ModelStore(dramaturg_home)
+    with store.create_version("tts", "trained", architecture="tiny", base_model="", recipe="test") as staging:
+        write_tiny_model(Path(staging), dramaturg_home, seed=0)
+        (Path(staging) / "speakers.json").write_text(json.dumps({"alice": 3, "bob": 5}))
+    store.set_default("tts", "trained")
+    running = Served(dramaturg_home)
+    try:
+        alice = samples_of(running.stub.Synthesize(request(voice_id="alice"), timeout=60).audio)
+        again = samples_of(running.stub.Synthesize(request(voice_id="alice"), timeout=60).audio)
+        bob = samples_of(running.stub.Synthesize(request(voice_id="bob"), timeout=60).audio)
+        plain = samples_of(running.stub.Synthesize(request(), timeout=60).audio)  # speaker 0
+        code, message, _, _ = error(lambda: running.stub.Synthesize(request(voice_id="carol"), timeout=60))
+    finally:
+        running.stop()
+    assert np.array_equal(alice, again)  # same seed, same speaker: the same audio
+    assert not np.array_equal(alice, bob) and not np.array_equal(alice, plain)  # the speaker id is used
+    assert code == grpc.StatusCode.NOT_FOUND and "trained on speakers: alice, bob" in message

@@ -43,13 +43,14 @@ from dramaturg.services.tts.voices import (
     check_adapter_files,
     check_tts_voice_fields,
     check_voice_id,
+    read_speakers,
     resolve_adapter_path,
 )
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared import metrics
 from dramaturg.shared.admission import ConcurrencyLimiter
 from dramaturg.shared.cancellation import ShouldStop, never_stop, run_cancellable
-from dramaturg.shared.grpc.errors import ServiceError, echo, failed_precondition, invalid_argument
+from dramaturg.shared.grpc.errors import ServiceError, echo, failed_precondition, invalid_argument, not_found
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.model_service import ModelService, ModelServicer, require_model_type
@@ -99,6 +100,8 @@ class LoadedTtsModel:
         self.text_rules = synthesis.text_rules(self.tokenizer, settings.max_text_chars)
         self.max_adapters = settings.max_loaded_adapters
         self._adapters: OrderedDict[str, None] = OrderedDict()  # loaded adapter names, least recent first
+        # the voices the model was trained on (its speakers.json: name → the CSM speaker id)
+        self.speakers: dict[str, int] = read_speakers(record.path)
 
     # -- adapters ------------------------------------------------------------------------------------
     def _load_adapter(self, name: str, path: Path) -> None:
@@ -226,6 +229,10 @@ class TtsServicer(ModelServicer[LoadedTtsModel], tts_pb2_grpc.TextToSpeechServic
             raise invalid_argument(text_field, f"is set without {audio_field}: send the audio it transcribes")
 
     def _voice_for(self, voice_id: str, model: LoadedTtsModel, field_path: str) -> Voice:
+        if self.service.voices.find(voice_id) is None:
+            trained = ", ".join(sorted(model.speakers)[:20]) or "none named"
+            raise not_found("voice", voice_id, f"AddVoice it first, or ListVoices to see the voices there "
+                            f"are; model {model.record.ref} was trained on speakers: {trained}")
         voice = self.service.voices.get(voice_id, field_path)
         if voice.model_ref != model.record.ref:
             raise failed_precondition(
@@ -261,8 +268,11 @@ class TtsServicer(ModelServicer[LoadedTtsModel], tts_pb2_grpc.TextToSpeechServic
                 "store this reference as a voice)",
             )
         job = Job(text=text, sampling=sampling)
-        # what the server holds
-        if config.voice_id:
+        # what the server holds: a voice added with AddVoice, else a speaker the model was trained on
+        if config.voice_id and self.service.voices.find(config.voice_id) is None \
+                and config.voice_id in model.speakers:
+            job.speaker = model.speakers[config.voice_id]
+        elif config.voice_id:
             voice = self._voice_for(config.voice_id, model, "config.voice_id")
             job.speaker = voice.speaker
             if voice.has_reference:

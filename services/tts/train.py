@@ -56,8 +56,8 @@ from .codec_train import CODEC_STAGE, train_codec
 from .collate import CsmCodesCollator, TtsItem, TtsItems, csm_forward, speaker_ids, split_by_text
 from .prepare import load_items, prepare_audio, prepare_shards, speakers_in, split_report
 from .recipes import LORA_TARGETS, METHODS, SCHEDULES
+from .voices import SPEAKERS_FILE, read_speakers
 
-SPEAKERS_FILE = "speakers.json"
 ADAPTER_META = "adapter_meta.json"
 ADAPTERS_STATE = "adapters.json"  # per-speaker runs: the adapters already published (resume skips them)
 LM_STAGE, LORA_STAGE = "lm", "lora"
@@ -108,13 +108,6 @@ def default_base(ctx: RunContext) -> Source | None:
     except ServiceError:
         return None
     return Source(str(record.path), record.ref)
-
-
-def read_speakers(folder: str | Path) -> dict[str, int]:
-    path = Path(folder) / SPEAKERS_FILE
-    if not path.is_file():
-        return {}
-    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
 
 
 def load_codec(source: Source) -> Any:

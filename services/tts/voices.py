@@ -52,6 +52,18 @@ REFERENCE_FILE = "reference.wav"
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+# A model's trained speakers (the full / lora recipes write it): name → the CSM speaker id it was
+# trained as. The server accepts these names as voice ids too.
+SPEAKERS_FILE = "speakers.json"
+
+
+def read_speakers(folder: str | Path) -> dict[str, int]:
+    path = Path(folder) / SPEAKERS_FILE
+    if not path.is_file():
+        return {}
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
 @dataclass
 class Voice:
     voice_id: str
@@ -275,6 +287,10 @@ class VoiceRegistry:
         if previous is not None and previous.data:
             shutil.rmtree(self.data_root / previous.data, ignore_errors=True)
         return voice
+
+    def find(self, voice_id: str) -> Voice | None:
+        """The voice added under ``voice_id``, or None."""
+        return self._voices.get(voice_id)
 
     def get(self, voice_id: str, field_path: str = "voice_id") -> Voice:
         check_voice_id(voice_id, field_path)
