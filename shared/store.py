@@ -516,6 +516,18 @@ class ModelStore:
             raise self._missing(service, name, version)
         return self._mark_default(pick)
 
+    def resolve_folder_or_ref(self, service: str, spec: str) -> tuple[Path, str, dict[str, str]]:
+        """(folder, what to call it, labels) for a command-line ``--model``: an existing folder (a
+        store version folder keeps its labels from its metadata file), else a ref in this store
+        (``name``, ``name:v3``; "" = the default). A folder wins over a ref spelled the same."""
+        folder = Path(spec).expanduser() if spec else None
+        if folder is not None and folder.is_dir():
+            meta = folder / META_FILE
+            labels = json.loads(meta.read_text()).get("labels") or {} if meta.is_file() else {}
+            return folder.resolve(), str(folder.resolve()), {k: str(v) for k, v in labels.items()}
+        record = self.resolve(service, spec)
+        return Path(record.path), record.ref, dict(record.labels)
+
     def verify(self, record: ModelRecord) -> list[str]:
         """Files whose content no longer matches the metadata (empty list: intact)."""
         bad: list[str] = []

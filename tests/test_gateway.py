@@ -17,6 +17,7 @@ from dramaturg.services.gateway.catalog import PIPELINES
 from dramaturg.services.gateway.config import GatewaySettings
 from dramaturg.services.gateway.pipelines import PipelineSpec, StageSpec
 from dramaturg.services.gateway.server import GatewayService
+from dramaturg.shared.cli.stack import free_port
 from dramaturg.shared.config import ServerSettings
 from dramaturg.shared.grpc import errors
 from dramaturg.shared.grpc.errors import details_from_error
@@ -24,7 +25,7 @@ from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.service import Service
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ServerThread
+from helpers import ServerThread, wait_for
 
 TOKEN = "test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -321,14 +322,6 @@ def test_remote_stages_retry_resource_exhausted(dramaturg_home: Path, failures, 
         assert "RESOURCE_EXHAUSTED" in final.error
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_service_that_is_down_is_waited_for_without_spending_attempts(dramaturg_home: Path) -> None:
     """The evaluator is down when the stage starts (killed, restarting) and comes back 1.5 s later on
     its address: the stage keeps retrying UNAVAILABLE within the patience, then succeeds — with one
@@ -398,8 +391,6 @@ def test_pending_queue_is_bounded(dramaturg_home: Path) -> None:
 def test_tls_when_certificates_are_configured(dramaturg_home: Path, tmp_path: Path) -> None:
     import subprocess
 
-    from dramaturg.shared.config import ServerSettings
-
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [
@@ -447,13 +438,6 @@ def test_reflection_lists_the_gateway_and_health(dramaturg_home: Path) -> None:
     assert {"dramaturg.gateway.v1.Gateway", "grpc.health.v1.Health"} <= services
 
 
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_cancelling_a_job_cancels_its_stage_requests_in_the_service(dramaturg_home: Path) -> None:
     """A stage fans four Evaluate requests out to a real evaluator whose model thread is busy; the
     job is cancelled: the evaluator sees every request cancelled (its own metrics) and scores none."""
@@ -493,14 +477,16 @@ def test_cancelling_a_job_cancels_its_stage_requests_in_the_service(dramaturg_ho
             stub = gateway_pb2_grpc.GatewayStub(channel)
             job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(pipeline="four", audio=wav_input()),
                                  metadata=AUTH, timeout=10)
-            wait_until(lambda: count("grpc_server_started_total") - started >= 4)
+            wait_for(lambda: count("grpc_server_started_total") - started >= 4, what="the requests to arrive")
             cancel = gateway_pb2.CancelJobRequest(job_id=job.job_id)
             final = stub.CancelJob(cancel, metadata=AUTH, timeout=10)
             # the three waiting for the model slot leave at once; the one holding it stops at its next
             # check, when the model thread is free again — before any scoring
-            wait_until(lambda: count("grpc_server_handled_total", grpc_code="CANCELLED") - cancelled >= 3)
+            wait_for(lambda: count("grpc_server_handled_total", grpc_code="CANCELLED") - cancelled >= 3,
+                     what="the queued requests to be cancelled")
         release.set()
-        wait_until(lambda: count("grpc_server_handled_total", grpc_code="CANCELLED") - cancelled >= 4)
+        wait_for(lambda: count("grpc_server_handled_total", grpc_code="CANCELLED") - cancelled >= 4,
+                 what="the running request to stop")
         after = REGISTRY.get_sample_value("dramaturg_audio_seconds_total",
                                           {"service": "evaluator", "method": "Evaluate"}) or 0.0
     assert final.state == gateway_pb2.CANCELLED

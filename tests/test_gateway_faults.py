@@ -20,12 +20,13 @@ from dramaturg.common.v1 import common_pb2
 from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.services.gateway.pipelines import PipelineSpec, StageSpec, fan_out
+from dramaturg.shared.cli.stack import free_port
 from dramaturg.shared.grpc.client import wait_for_serving
 from google.protobuf import json_format
 from helpers import ServerThread
 from hostile import speechlike, wav
 from test_evaluator_server import CONTEXT, publish_tiny
-from test_gateway import AUTH, free_port, gateway, wait_done, wav_input
+from test_gateway import AUTH, gateway, wait_done, wav_input
 
 LINES = 48
 

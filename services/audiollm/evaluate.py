@@ -141,15 +141,12 @@ class LoadedModel:
 def resolve_model(spec: str, home: Path | None = None) -> tuple[Path, str]:
     """(folder, description) for ``spec``: a model folder, or a model-store ref (``name``,
     ``name:version``; "" = the store's default) in ``home`` (``DRAMATURG_HOME`` when None)."""
-    folder = Path(spec).expanduser() if spec else None
-    if folder is not None and folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
-        return folder.resolve(), str(folder.resolve())
     from dramaturg.shared.store import ModelStore
 
-    record = ModelStore(home).resolve(SERVICE, spec)  # NOT_FOUND names what the store holds
-    return Path(record.path), f"{SERVICE}/{record.ref} ({record.path})"
+    folder, source, _ = ModelStore(home).resolve_folder_or_ref(SERVICE, spec)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+    return folder, source
 
 
 def default_device() -> str:

@@ -59,7 +59,7 @@ from dramaturg.services.evaluator.prompts import (
     item_dimensions,
     prompt_style,
 )
-from dramaturg.shared.store import META_FILE, ModelStore
+from dramaturg.shared.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +91,11 @@ class ModelSource:
 
 
 def resolve_model(model: str, home: str | Path | None = None) -> ModelSource:
-    """A model folder (``load_evaluator``'s), or a store ref (``name``, ``name:v3``, ``""`` = default).
-
-    A folder wins over a ref of the same spelling. A store version folder passed as a folder keeps its
-    labels (read from its metadata file), so its prompt style is still known. The store is
-    ``home`` or ``DRAMATURG_HOME``, as for the server.
-    """
-    folder = Path(model).expanduser() if model else None
-    if folder is not None and folder.is_dir():
-        meta_path = folder / META_FILE
-        labels: dict[str, str] = {}
-        if meta_path.is_file():
-            labels = {k: str(v) for k, v in (json.loads(meta_path.read_text()).get("labels") or {}).items()}
-        return ModelSource(folder, str(folder), labels)
-    record = ModelStore(home).resolve(SERVICE, model)
-    return ModelSource(record.path, f"{record.name}:{record.version}", dict(record.labels))
+    """A model folder (``load_evaluator``'s), or a store ref (``name``, ``name:v3``, ``""`` = default),
+    with its labels (a store version folder keeps them), so its prompt style is known. The store is
+    ``home`` or ``DRAMATURG_HOME``, as for the server."""
+    folder, source, labels = ModelStore(home).resolve_folder_or_ref(SERVICE, model)
+    return ModelSource(folder, source, labels)
 
 
 def detailed_prompts(labels: Mapping[str, str], override: str | None = None) -> bool:

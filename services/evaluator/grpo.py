@@ -42,6 +42,7 @@ from trl import GRPOTrainer
 
 from .model import SAMPLE_RATE
 from .prompts import parse_answer, user_messages
+from .scoring import audio_features
 
 WELL_FORMED = re.compile(r"^\s*<answer>\s*([1-5])\s*</answer>\s*$")
 
@@ -126,19 +127,8 @@ class AudioGRPOTrainer(GRPOTrainer):
 
     def _features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """``input_features`` and ``feature_attention_mask`` of the clips, on the trainer's device."""
-        batch = self.processing_class.feature_extractor(
-            [np.asarray(a, dtype=np.float32) for a in audios],
-            sampling_rate=SAMPLE_RATE,
-            padding="max_length",
-            truncation=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        device = self.accelerator.device
-        return {
-            "input_features": batch["input_features"].to(device),
-            "feature_attention_mask": batch["attention_mask"].to(device),
-        }
+        features = audio_features(self.processing_class, audios)
+        return {name: value.to(self.accelerator.device) for name, value in features.items()}
 
     # ------------------------------------------------------------------------- the TRL overrides
 

@@ -109,13 +109,13 @@ def score_logits(logits: torch.Tensor, digit_ids: Sequence[int]) -> ScoreTensors
 # ------------------------------------------------------------------------------------------- audio
 
 
-def audio_features(processor: Qwen2AudioProcessor, audio: np.ndarray) -> dict[str, torch.Tensor]:
-    """``input_features`` (1, mels, window) and ``feature_attention_mask`` (1, window) of one 16 kHz clip.
+def audio_features(processor: Qwen2AudioProcessor, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    """``input_features`` (B, mels, window) and ``feature_attention_mask`` (B, window) of 16 kHz clips.
 
-    Padded to the window and truncated past it, as the processor does when it is called with text.
+    Each padded to the window and truncated past it, as the processor does when it is called with text.
     """
     features = processor.feature_extractor(
-        [np.asarray(audio, dtype=np.float32)],
+        [np.asarray(a, dtype=np.float32) for a in audios],
         sampling_rate=SAMPLE_RATE,
         padding="max_length",
         truncation=True,
@@ -131,21 +131,15 @@ def audio_features(processor: Qwen2AudioProcessor, audio: np.ndarray) -> dict[st
 def encode_audios(
     model: nn.Module, processor: Qwen2AudioProcessor, audios: Sequence[np.ndarray]
 ) -> list[AudioEncoding]:
-    """Encoder + projector on several clips in one pass (each padded to the window, its own mask):
-    what :func:`encode_audio` gives each of them, within float error."""
+    """Encoder + projector on clips in one pass, as ``Qwen2AudioModel.forward`` runs them (each clip
+    padded to the window, its own padding mask); gradients flow if enabled (the scoring functions below
+    turn them off). A clip's encoding does not depend on the others in the batch, within float error."""
     check_window(model, processor)
     inner = unwrap(model).model
     tower = inner.audio_tower
-    features = processor.feature_extractor(
-        [np.asarray(a, dtype=np.float32) for a in audios],
-        sampling_rate=SAMPLE_RATE,
-        padding="max_length",
-        truncation=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    features = audio_features(processor, audios)
     input_features = features["input_features"].to(tower.device)
-    frames = features["attention_mask"].to(tower.device).sum(-1)
+    frames = features["feature_attention_mask"].to(tower.device).sum(-1)
     conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(frames)
     positions = (input_features.shape[-1] - 2) // 2 + 1
     frame_mask = (torch.arange(positions, device=tower.device)[None, :] < conv_lengths[:, None]).long()
@@ -161,28 +155,8 @@ def encode_audios(
 
 
 def encode_audio(model: nn.Module, processor: Qwen2AudioProcessor, audio: np.ndarray) -> AudioEncoding:
-    """Encoder + projector on one clip, as ``Qwen2AudioModel.forward`` runs them (module docstring).
-
-    Gradients flow if enabled (the scoring functions below turn them off).
-    """
-    check_window(model, processor)
-    inner = unwrap(model).model
-    tower = inner.audio_tower
-    features = audio_features(processor, audio)
-    input_features = features["input_features"].to(tower.device)
-    frames = features["feature_attention_mask"].to(tower.device).sum(-1)
-    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(frames)
-    positions = (input_features.shape[-1] - 2) // 2 + 1
-    frame_mask = (torch.arange(positions, device=tower.device)[None, :] < conv_lengths[:, None]).long()
-    dtype = inner.get_input_embeddings().weight.dtype
-    attention = create_bidirectional_mask(
-        config=tower.config,
-        inputs_embeds=torch.zeros((1, positions, 1), dtype=dtype, device=tower.device),
-        attention_mask=frame_mask,
-    )
-    hidden = tower(input_features.to(dtype), attention_mask=attention).last_hidden_state
-    embeds = inner.multi_modal_projector(hidden)[0, : int(token_lengths[0])]
-    return AudioEncoding(embeds)
+    """One clip's :func:`encode_audios`."""
+    return encode_audios(model, processor, [audio])[0]
 
 
 # ---------------------------------------------------------------------------------------- prompts

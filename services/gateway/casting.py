@@ -21,19 +21,18 @@ two share (``audio_transport: uri``, the local stack and compose); elsewhere it 
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 import grpc
 import soundfile as sf
 from dramaturg.common.v1 import common_pb2
 from dramaturg.shared.grpc.errors import ServiceError, invalid_argument
+from dramaturg.shared.voice.catalog import check_voice_id
 
 from .pipelines import ANALYZE_SCENE, SAMPLE_RATE, PipelineSpec, StageContext, StageSpec, remaining
 from .revoice import parse_script
 
 CAST_DIR = "cast"
-VOICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_cast(given: Any) -> list[dict[str, Any]]:
@@ -46,8 +45,7 @@ def parse_cast(given: Any) -> list[dict[str, Any]]:
         if not isinstance(character, dict):
             raise invalid_argument(where, "a map with voice_id, display_name and lines")
         voice = character.get("voice_id")
-        if not isinstance(voice, str) or not VOICE_ID.fullmatch(voice):
-            raise invalid_argument(f"{where}.voice_id", "1-64 of A-Z a-z 0-9 _ . -")
+        check_voice_id(voice if isinstance(voice, str) else "", f"{where}.voice_id")
         if voice in seen:
             raise invalid_argument(f"{where}.voice_id", f"{voice!r} is cast twice")
         seen.add(voice)

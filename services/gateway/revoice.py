@@ -24,7 +24,6 @@ The takes and the re-voiced scene are written under the job's work folder; the r
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from .pipelines import (
     PipelineSpec,
     StageContext,
     StageSpec,
+    _encode_pcm16,
     check_scene_params,
     fan_out,
     remaining,
@@ -134,12 +134,6 @@ async def select_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 # ========================================================================================== the takes
-
-
-def _wav(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def _read(path: Path) -> np.ndarray:
@@ -377,7 +371,7 @@ async def splice_stage(ctx: StageContext) -> dict[str, Any]:
     output: dict[str, Any] = {"lines": lines, "replaced": replaced}
     if replaced:
         path = ctx.work_dir / TAKES_DIR / "revoiced.wav"
-        await asyncio.to_thread(path.write_bytes, _wav(scene))
+        await asyncio.to_thread(path.write_bytes, _encode_pcm16(scene, SAMPLE_RATE))
         output["revoiced_file"] = f"{TAKES_DIR}/revoiced.wav"
     await ctx.report(1.0, f"re-voiced {replaced} of {len(lines)} line(s)")
     return output
