@@ -260,7 +260,9 @@ def test_workloads_follow_the_serving_conventions(overlay: str) -> None:
     assert set(model_services()) <= set(known_names()), "deploy/k8s/base has a folder for an unknown service"
     missing = set(built_services()) - set(deployments)
     assert not missing, f"built services without manifests (deploy/README.md, Adding a service): {missing}"
-    assert deployments["gateway"]["spec"]["replicas"] == 1, "SQLite job store: one gateway replica"
+    sqlite = "DRAMATURG_GATEWAY_JOB_STORE" not in {
+        e["name"] for e in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert deployments["gateway"]["spec"]["replicas"] == (1 if sqlite else 2), "SQLite: one gateway"
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -406,9 +408,21 @@ def test_gpu_overlay_keeps_jobs_in_a_non_root_postgresql(tmp_path: Path) -> None
 
     docs = build("gpu")
     gateway = objects(docs, "Deployment")["gateway"]
-    assert gateway["spec"]["replicas"] == 1, "no job ownership across replicas (leases): one gateway"
+    # two replicas sharing out jobs by leases: distinct replica ids (the pod names), a shared state
+    # volume, rolling updates that keep one up, and a disruption budget that does too
+    assert gateway["spec"]["replicas"] == 2
+    assert gateway["spec"]["strategy"] == {"type": "RollingUpdate",
+                                           "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     pod = gateway["spec"]["template"]["spec"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["DRAMATURG_GATEWAY_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    (state,) = [v for v in pod["volumes"] if v["name"] == "state"]
+    claim = objects(docs, "PersistentVolumeClaim")[state["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    pdb = objects(docs, "PodDisruptionBudget")["gateway"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= gateway["spec"]["template"]["metadata"][
+        "labels"].items()
     url = env["DRAMATURG_GATEWAY_JOB_STORE"]["value"]
     assert url == "postgresql://dramaturg@postgres:5432/dramaturg"
     # what the gateway makes of its ConfigMap plus that environment
@@ -453,6 +467,7 @@ def test_gpu_overlay_keeps_jobs_in_a_non_root_postgresql(tmp_path: Path) -> None
     assert not objects(cpu, "StatefulSet")
     (cpu_gateway,) = objects(cpu, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
     assert "DRAMATURG_GATEWAY_JOB_STORE" not in {e["name"] for e in cpu_gateway["env"]}
+    assert objects(cpu, "Deployment")["gateway"]["spec"]["replicas"] == 1, "SQLite: one gateway"
 
 
 def pod_settings(docs, name: str, tmp_path: Path):

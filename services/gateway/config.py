@@ -17,6 +17,13 @@ class GatewaySettings(ServiceSettings):
     # sqlite:///PATH or postgresql://USER@HOST:PORT/DB (password: PGPASSWORD);
     # empty = $DRAMATURG_HOME/gateway/jobs.db
     job_store: str = ""
+    # This gateway's name in the job store's leases; empty = HOSTNAME:PORT (a pod's name in
+    # Kubernetes), or HOSTNAME-<random> when the port is picked at start. Replicas sharing a
+    # PostgreSQL store need distinct ids; a restarted replica with the same id resumes its jobs at once.
+    replica_id: str = ""
+    # How long a job stays with a gateway that stopped renewing its lease (killed, partitioned) before
+    # another replica takes it over; leases are renewed every third of it.
+    lease_seconds: float = Field(15.0, ge=0.3)
     # Bearer token; empty = DRAMATURG_API_TOKEN or $DRAMATURG_HOME/api-token. Required to start.
     api_token: str = ""
     # service name → host:port of its gRPC endpoint

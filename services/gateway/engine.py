@@ -12,6 +12,14 @@ bytes, audio over ``max_audio_seconds``, a scene an inline request could not car
 INVALID_ARGUMENT there and then, never a job that fails later. A blob no unfinished job uses is
 deleted when its last job finishes.
 
+Several gateways may share one PostgreSQL job store (replicas). Each job is run by the gateway
+that holds its lease (services/gateway/store.py): the submitting gateway holds it from the start and
+renews it every third of ``lease_seconds``; a gateway with free slots claims jobs whose lease ran out,
+so a gateway killed mid-job has its jobs finished by another, resuming from the last stage result
+either persisted. Every write is fenced by the lease, so a gateway that was presumed dead stops
+(:class:`LeaseLost`) instead of racing the new owner. Replicas need the job folders and the blob
+store on a volume they share.
+
 Remote stages are retried only where another attempt can succeed (:func:`retry_after`): UNAVAILABLE,
 deadlines, and RESOURCE_EXHAUSTED from a busy server, but never a request over a gRPC message limit
 (also reported as RESOURCE_EXHAUSTED), which would be refused again byte for byte.
@@ -24,6 +32,7 @@ import json
 import logging
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -44,7 +53,7 @@ from dramaturg.services.gateway.pipelines import (
     StageSpec,
 )
 from dramaturg.services.gateway.reports import describe as describe_files
-from dramaturg.services.gateway.store import TERMINAL_STATES, JobStore, StoredEvent
+from dramaturg.services.gateway.store import TERMINAL_STATES, Claimed, JobStore, LeaseLost, StoredEvent
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared.blobs import BlobStore, default_blob_root
 from dramaturg.shared.grpc import errors
@@ -59,6 +68,10 @@ log = logging.getLogger(__name__)
 JOBS_TOTAL = Counter("dramaturg_jobs_total", "Jobs that reached a final state.", ("pipeline", "state"))
 JOBS_RUNNING = Gauge("dramaturg_jobs_running", "Jobs running now.")
 JOBS_PENDING = Gauge("dramaturg_jobs_pending", "Jobs accepted and waiting for a slot.")
+JOBS_TAKEN_OVER = Counter("dramaturg_jobs_taken_over_total",
+                          "Jobs this gateway claimed after another gateway's lease on them ran out.")
+LEASES_LOST = Counter("dramaturg_job_leases_lost_total",
+                      "Jobs this gateway stopped running because another gateway holds their lease now.")
 STAGE_SECONDS = Histogram(
     "dramaturg_job_stage_seconds",
     "Time per stage attempt.",
@@ -193,8 +206,14 @@ class JobEngine:
         transport: AudioTransport | None = None,
         max_audio_seconds: float = 3 * 3600.0,
         audio_uri_roots: Sequence[str] = (),
+        owner: str = "",
+        lease_seconds: float = 15.0,
     ) -> None:
         self.store = store
+        # this gateway's replica id: what the job rows' owner column names
+        self.owner = owner or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.lease_seconds = lease_seconds
+        self.max_running = max_running
         self.work_root = work_root
         self.pipelines = pipelines
         self.channels = channels
@@ -214,33 +233,99 @@ class JobEngine:
         self._changed: dict[str, asyncio.Event] = {}
         self._pending = 0
         self._closing = False
+        self._lost: set[str] = set()  # jobs whose lease another gateway took: stop without a mark
+        self._lease_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Resume every job a previous gateway left PENDING or RUNNING."""
+        """Resume the unfinished jobs this gateway may take, then keep leases and take over orphans.
+
+        On a store only one gateway uses (SQLite) that is every unfinished job; on a shared store it
+        is the jobs this replica held in a previous life, those nobody holds, and those whose lease
+        ran out — the rest belong to live gateways.
+        """
         await asyncio.to_thread(self.blobs.sweep)
-        for job in self.store.unfinished():
-            stored = await asyncio.to_thread(self._read_input, self.work_root / job.job_id)
-            if stored is not None:  # claimed before any job can finish and delete a shared blob
-                self._claim(job.job_id, stored)
-            if job.pipeline not in self.pipelines:
-                self._finish(job, S.FAILED, f"pipeline {job.pipeline!r} no longer exists")
-                continue
-            for stage in job.stages:
-                if stage.state == S.STAGE_RUNNING:
-                    stage.state = S.STAGE_PENDING
-            job.state = S.PENDING
-            self._save(job, S.JOB_STATE_CHANGED, message="resumed after a gateway restart")
-            log.info("resuming job %s (%s)", job.job_id, job.pipeline)
-            self._launch(job.job_id)
+        claimed = await asyncio.to_thread(
+            self.store.claim, self.owner, self.lease_seconds, self.max_running + self.max_pending,
+            own=True, force=not self.store.shared,
+        )
+        for found in claimed:
+            self._adopt(found, "resumed after a gateway restart")
+        self._lease_task = asyncio.create_task(self._keep_leases(), name="job-leases")
 
     async def stop(self) -> None:
-        """Stop running jobs *without* marking them: the next start resumes them."""
+        """Stop running jobs *without* marking them, and give their leases up: the next gateway to
+        start (or a replica that is up) resumes them."""
         self._closing = True
-        tasks = list(self._tasks.values())
-        for task in tasks:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+        tasks = dict(self._tasks)
+        for task in tasks.values():
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        try:
+            await asyncio.to_thread(self.store.release, self.owner, tasks)
+        except Exception as exc:  # the leases then run out on their own
+            log.warning("could not give up the leases of %d job(s): %s", len(tasks), exc)
+
+    def _adopt(self, found: Claimed, reason: str) -> None:
+        """Run a job this gateway just claimed, from its last persisted stage results."""
+        job = found.job
+        if job.job_id in self._tasks:  # our own lease lapsed and we took it back: still running
+            return
+        stored = self._read_input(self.work_root / job.job_id)
+        if stored is not None:  # claimed before any job can finish and delete a shared blob
+            self._claim(job.job_id, stored)
+        if job.pipeline not in self.pipelines:
+            self._finish(job, S.FAILED, f"pipeline {job.pipeline!r} does not exist on this gateway")
+            return
+        for stage in job.stages:
+            if stage.state == S.STAGE_RUNNING:
+                stage.state = S.STAGE_PENDING
+        job.state = S.PENDING
+        if found.previous_owner and found.previous_owner != self.owner:
+            JOBS_TAKEN_OVER.inc()
+            reason = f"taken over from gateway {found.previous_owner} (its lease ran out)"
+        self._save(job, S.JOB_STATE_CHANGED, message=reason)
+        log.info("job %s (%s): %s", job.job_id, job.pipeline, reason)
+        self._launch(job.job_id)
+
+    async def _keep_leases(self) -> None:
+        """Every third of a lease: renew ours, stop what another gateway took, take over orphans."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self._lease_round()
+            except Exception as exc:  # the store is unreachable: try again next round
+                log.warning("lease round failed: %s", exc)
+
+    async def _lease_round(self) -> None:
+        ours = [job_id for job_id, task in self._tasks.items() if not task.done()]
+        kept = await asyncio.to_thread(self.store.renew, self.owner, ours, self.lease_seconds)
+        for job_id in ours:
+            task = self._tasks.get(job_id)
+            if task is None or task.done():
+                continue
+            if job_id not in kept:
+                if job_id in self._lost:
+                    continue
+                job = self.store.get(job_id)
+                if job is not None and job.state in TERMINAL_STATES:
+                    continue  # it finished between the two looks
+                log.warning("job %s: another gateway holds its lease now; stopping here", job_id)
+                LEASES_LOST.inc()
+                self._lost.add(job_id)
+                task.cancel()
+            elif kept[job_id] and job_id not in self._cancelling:
+                log.info("job %s: cancelled through another gateway", job_id)
+                self._cancelling.add(job_id)
+                task.cancel()
+        free = self.max_running - len(self._tasks)
+        if free > 0 and not self._closing:
+            claimed = await asyncio.to_thread(self.store.claim, self.owner, self.lease_seconds, free)
+            for found in claimed:
+                self._adopt(found, "claimed")
 
     # -- RPC-facing ----------------------------------------------------------------------------
     async def submit(self, request: gateway_pb2.SubmitJobRequest) -> gateway_pb2.Job:
@@ -301,7 +386,7 @@ class JobEngine:
             ],
         )
         try:
-            saved, created = self.store.create(job)
+            saved, created = self.store.create(job, self.owner, self.lease_seconds)
         except BaseException:
             self._release(job_id)
             shutil.rmtree(work, ignore_errors=True)
@@ -359,16 +444,34 @@ class JobEngine:
         self._job_blob[job_id] = stored
         self._blob_users[stored.digest] = self._blob_users.get(stored.digest, 0) + 1
 
-    def _release(self, job_id: str) -> None:
-        """The job no longer needs its blob: delete it unless another unfinished job uses it too."""
+    def _forget_input(self, job_id: str) -> JobInput | None:
+        """Drop this process's use of the job's blob; its input when no job of this process uses it now."""
         stored = self._job_blob.pop(job_id, None)
         if stored is None:
-            return
+            return None
         users = self._blob_users.get(stored.digest, 0) - 1
         if users > 0:
             self._blob_users[stored.digest] = users
-            return
+            return None
         self._blob_users.pop(stored.digest, None)
+        return stored
+
+    def _used_elsewhere(self, job_id: str, digest: str) -> bool:
+        """Whether an unfinished job of another gateway sharing the store reads this blob."""
+        if not self.store.shared:
+            return False
+        for other in self.store.unfinished():
+            if other.job_id != job_id:
+                found = self._read_input(self.work_root / other.job_id)
+                if found is not None and found.digest == digest:
+                    return True
+        return False
+
+    def _release(self, job_id: str) -> None:
+        """The job no longer needs its blob: delete it unless another unfinished job uses it too."""
+        stored = self._forget_input(job_id)
+        if stored is None or self._used_elsewhere(job_id, stored.digest):
+            return
         try:
             self.blobs.delete(stored.digest, stored.suffix)
         except OSError as exc:  # the job's outcome stands; a leftover blob is only disk space
@@ -453,13 +556,27 @@ class JobEngine:
                 reason="JOB_FINISHED",
             )
         task = self._tasks.get(job_id)
-        self._cancelling.add(job_id)
         if task is not None:
+            self._cancelling.add(job_id)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        else:  # not running in this process (e.g. never launched): mark it directly
-            self._finish(job, S.CANCELLED, "cancelled")
-        return self.get(job_id)
+            return self.get(job_id)
+        # not running here: take it if nobody runs it, else flag it for the gateway that does
+        claimed = await asyncio.to_thread(self.store.claim, self.owner, self.lease_seconds, 1,
+                                          job_id=job_id, own=True)
+        if claimed:
+            self._finish(claimed[0].job, S.CANCELLED, "cancelled by the client")
+            return self.get(job_id)
+        await asyncio.to_thread(self.store.request_cancel, job_id)
+        holder, _ = await asyncio.to_thread(self.store.lease, job_id)
+        log.info("job %s runs on gateway %s: cancellation requested there", job_id, holder)
+        deadline = time.monotonic() + self.lease_seconds
+        while time.monotonic() < deadline:  # the owner sees the flag within a third of a lease
+            job = self.get(job_id)
+            if job.state in TERMINAL_STATES:
+                break
+            await asyncio.sleep(0.1)
+        return job
 
     def list(self, request: gateway_pb2.ListJobsRequest) -> gateway_pb2.ListJobsResponse:
         size = request.page_size or 50
@@ -516,7 +633,10 @@ class JobEngine:
 
     # -- running -------------------------------------------------------------------------------
     def _event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> None:
-        self.store.add_event(job_id, kind, stage, message)
+        self.store.add_event(job_id, kind, stage, message, owner=self.owner)
+        self._notify(job_id)
+
+    def _notify(self, job_id: str) -> None:
         changed = self._changed.pop(job_id, None)
         if changed is not None:
             changed.set()
@@ -526,8 +646,8 @@ class JobEngine:
         done = [s for s in job.stages if s.state in (S.STAGE_SUCCEEDED, S.STAGE_SKIPPED)]
         running = [s.progress for s in job.stages if s.state == S.STAGE_RUNNING]
         job.progress = (len(done) + sum(running)) / max(len(job.stages), 1)
-        self.store.save(job)
-        self._event(job.job_id, kind, stage, message)
+        self.store.save_with_event(job, kind, stage, message, owner=self.owner)
+        self._notify(job.job_id)
 
     def _finish(self, job: gateway_pb2.Job, state: int, message: str, result: dict | None = None) -> None:
         job.state = state
@@ -562,15 +682,26 @@ class JobEngine:
                     await self._execute(job_id)
                 finally:
                     JOBS_RUNNING.dec()
+        except LeaseLost as lost:
+            log.warning("%s; this gateway stops running it", lost)
+            self._lost.add(job_id)
         except asyncio.CancelledError:
-            if job_id in self._cancelling:
+            if job_id in self._lost:
+                pass
+            elif job_id in self._cancelling:
                 self._cancelling.discard(job_id)
                 job = self.store.get(job_id)
                 if job is not None and job.state not in TERMINAL_STATES:
-                    self._finish(job, S.CANCELLED, "cancelled by the client")
+                    try:
+                        self._finish(job, S.CANCELLED, "cancelled by the client")
+                    except LeaseLost as lost:
+                        log.warning("%s; its new owner cancels it", lost)
             elif not self._closing:
                 raise
         finally:
+            if job_id in self._lost:  # the new owner uses the job's blob now: forget it, keep it
+                self._lost.discard(job_id)
+                self._forget_input(job_id)
             if waiting:
                 self._pending -= 1
                 JOBS_PENDING.set(self._pending)
@@ -619,7 +750,7 @@ class JobEngine:
             await asyncio.gather(*running.values(), return_exceptions=True)
             self._finish(job, S.FAILED, f"stage {failure.stage} failed: {failure}")
             return
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the lease was lost: the stages stop with the job
             for task in running.values():
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
@@ -733,6 +864,8 @@ class JobEngine:
                     message += _TOO_LARGE_HINT
             except asyncio.CancelledError:
                 stage.state = S.STAGE_CANCELLED
+                raise
+            except LeaseLost:
                 raise
             except Exception as exc:
                 log.exception("job %s stage %s crashed", job.job_id, name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -69,6 +71,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
 
+def default_replica_id(port: int) -> str:
+    """HOSTNAME:PORT — unique among gateways that can run at once, the same after a restart."""
+    host = socket.gethostname()
+    return f"{host}:{port}" if port else f"{host}-{uuid.uuid4().hex[:8]}"
+
+
 class GatewayService(Service):
     name = "gateway"
 
@@ -107,9 +115,13 @@ class GatewayService(Service):
             transport=AudioTransport(settings.audio_transport, settings.inline_message_limit_bytes),
             max_audio_seconds=settings.max_audio_seconds,
             audio_uri_roots=settings.audio_uri_roots,
+            owner=settings.replica_id or default_replica_id(settings.server.port),
+            lease_seconds=settings.lease_seconds,
         )
         log.info("job audio goes to the model services by %s (blobs under %s)",
                  settings.audio_transport, self.blobs.root)
+        log.info("gateway replica %s: job leases of %gs in %s", self.engine.owner, settings.lease_seconds,
+                 type(self.store).__name__)
 
     def registrations(self) -> list[Registration]:
         return [

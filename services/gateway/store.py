@@ -7,18 +7,28 @@ columns; events as an append-only table. ``open_store`` picks the implementation
 (:class:`PostgresJobStore`, psycopg 3 from the ``gateway`` extra, imported only when used). Both keep
 the same tables and the same guarantees: a request_id creates at most one job, and a job's events are
 numbered 1, 2, 3 … without gaps or duplicates, also when several gateway processes share a PostgreSQL
-database. Which process runs which job is *not* coordinated (no leases): a gateway that starts resumes
-every unfinished job, so run one gateway replica per database.
+database.
+
+Which gateway runs which job is decided by **leases**. A job row carries its ``owner`` (a gateway's
+replica id) and ``lease_until``; the owner renews the leases of the jobs it runs every third of the
+lease, and a gateway with free slots claims unfinished jobs whose lease ran out (a dead or partitioned
+owner) — on PostgreSQL with ``FOR UPDATE SKIP LOCKED``, so two gateways never claim one job. Every
+write a job's runner makes is *fenced* by its owner: a job's snapshot and its event are stored in one
+transaction that first checks the row still names this gateway, and :class:`LeaseLost` stops a
+gateway that was presumed dead and came back. Cancellation from a gateway that does not own the job
+is a flag on the row the owner reads when it renews. SQLite is the one-gateway store: its gateway
+takes every unfinished job over when it starts, without waiting for leases to run out.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,12 +53,35 @@ class StoredEvent:
     message: str
 
 
+class LeaseLost(RuntimeError):
+    """A fenced write found another owner on the job: its lease ran out and another gateway took it."""
+
+    def __init__(self, job_id: str, owner: str, holder: str | None) -> None:
+        self.job_id, self.owner, self.holder = job_id, owner, holder
+        held = f"gateway {holder!r}" if holder else "no gateway"
+        super().__init__(f"job {job_id} is no longer owned by {owner!r} ({held} holds it now)")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a gateway just claimed, and who held it before (empty: nobody)."""
+
+    job: gateway_pb2.Job
+    previous_owner: str
+
+
 class JobStore(abc.ABC):
     """Persistence the gateway needs; every method is safe to call from several threads."""
 
+    #: whether several gateway processes may share this store (and so must wait for leases)
+    shared: bool = False
+
     @abc.abstractmethod
-    def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
-        """Insert ``job``; when its request_id was seen before, return that job and False."""
+    def create(
+        self, job: gateway_pb2.Job, owner: str = "", lease_seconds: float = 0.0
+    ) -> tuple[gateway_pb2.Job, bool]:
+        """Insert ``job`` (owned by ``owner`` for ``lease_seconds``); when its request_id was seen
+        before, return that job and False."""
 
     @abc.abstractmethod
     def get(self, job_id: str) -> gateway_pb2.Job | None: ...
@@ -57,11 +90,48 @@ class JobStore(abc.ABC):
     def by_request_id(self, request_id: str) -> gateway_pb2.Job | None: ...
 
     @abc.abstractmethod
-    def save(self, job: gateway_pb2.Job) -> None:
-        """Replace the stored job with this snapshot."""
+    def save(self, job: gateway_pb2.Job, owner: str = "") -> None:
+        """Replace the stored job with this snapshot; with ``owner``, only while it owns the job
+        (else :class:`LeaseLost`)."""
 
     @abc.abstractmethod
-    def add_event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> StoredEvent: ...
+    def add_event(
+        self, job_id: str, kind: int, stage: str = "", message: str = "", owner: str = ""
+    ) -> StoredEvent:
+        """Append an event; with ``owner``, only while it owns the job (else :class:`LeaseLost`)."""
+
+    @abc.abstractmethod
+    def save_with_event(
+        self, job: gateway_pb2.Job, kind: int, stage: str = "", message: str = "", owner: str = ""
+    ) -> StoredEvent:
+        """:meth:`save` and :meth:`add_event` in one transaction: a watcher never sees a snapshot
+        without its event, and a fenced-off gateway writes neither."""
+
+    @abc.abstractmethod
+    def claim(
+        self, owner: str, lease_seconds: float, limit: int, *, job_id: str = "", own: bool = False,
+        force: bool = False,
+    ) -> list[Claimed]:
+        """Take up to ``limit`` unfinished jobs, oldest first, that nobody holds or whose lease ran out
+        (``own``: also those ``owner`` held before, e.g. in a previous life; ``force``: every unfinished
+        job, for a store only one gateway uses); ``job_id`` restricts the claim to that job."""
+
+    @abc.abstractmethod
+    def renew(self, owner: str, job_ids: Iterable[str], lease_seconds: float) -> dict[str, bool]:
+        """Extend ``owner``'s leases on these jobs; returns the unfinished ones it still owns, each
+        with whether a cancellation was requested for it."""
+
+    @abc.abstractmethod
+    def release(self, owner: str, job_ids: Iterable[str]) -> None:
+        """Give these leases up (a gateway stopping cleanly): another gateway may claim them at once."""
+
+    @abc.abstractmethod
+    def request_cancel(self, job_id: str) -> None:
+        """Flag the job for cancellation; its owner sees the flag when it next renews its leases."""
+
+    @abc.abstractmethod
+    def lease(self, job_id: str) -> tuple[str, float]:
+        """(owner, seconds its lease has left; negative once expired) — for status pages and tests."""
 
     @abc.abstractmethod
     def events_after(self, job_id: str, after_sequence: int) -> list[StoredEvent]: ...
@@ -89,6 +159,16 @@ class JobStore(abc.ABC):
         return json_format.Parse(body, gateway_pb2.Job())
 
 
+# owner: the replica id of the gateway running the job ('' = nobody); lease_until: when its lease runs
+# out (seconds since the epoch, by the database's clock on PostgreSQL); cancel_requested: set by a
+# gateway that does not own the job, read by its owner.
+LEASE_COLUMNS_SQLITE = {
+    "owner": "TEXT NOT NULL DEFAULT ''",
+    "lease_until": "REAL NOT NULL DEFAULT 0",
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
 def list_query(
     mark: str, *, state: int, pipeline: str, limit: int, before: tuple[float, str] | None
 ) -> tuple[str, list[Any]]:
@@ -110,6 +190,8 @@ def list_query(
 
 class SqliteJobStore(JobStore):
     """SQLite in WAL mode: readers never block the writer, and a committed row survives a crash."""
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,20 +225,45 @@ class SqliteJobStore(JobStore):
             );
             """
         )
+        # the lease columns, added to a database an older gateway created
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, declaration in LEASE_COLUMNS_SQLITE.items():
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
 
-    def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction under the lock (IMMEDIATE: it holds the write lock from its start)."""
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _fence(self, db: sqlite3.Connection, job_id: str, owner: str) -> None:
+        if not owner:
+            return
+        row = db.execute("SELECT owner FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None or row[0] != owner:
+            raise LeaseLost(job_id, owner, row[0] if row else None)
+
+    def create(
+        self, job: gateway_pb2.Job, owner: str = "", lease_seconds: float = 0.0
+    ) -> tuple[gateway_pb2.Job, bool]:
+        with self._transaction() as db:
             if job.request_id:
-                row = self._db.execute(
-                    "SELECT body FROM jobs WHERE request_id = ?", (job.request_id,)
-                ).fetchone()
+                row = db.execute("SELECT body FROM jobs WHERE request_id = ?", (job.request_id,)).fetchone()
                 if row:
                     return self._job(row[0]), False
             created = job.created_at.ToNanoseconds() / 1e9 if job.HasField("created_at") else time.time()
-            self._db.execute(
-                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body) "
-                "VALUES (?,?,?,?,?,?)",
-                (job.job_id, job.request_id, job.pipeline, job.state, created, self._body(job)),
+            db.execute(
+                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body, owner, lease_until) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (job.job_id, job.request_id, job.pipeline, job.state, created, self._body(job), owner,
+                 time.time() + lease_seconds if owner else 0.0),
             )
             return job, True
 
@@ -170,24 +277,87 @@ class SqliteJobStore(JobStore):
             row = self._db.execute("SELECT body FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         return self._job(row[0]) if row else None
 
-    def save(self, job: gateway_pb2.Job) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET state = ?, body = ? WHERE job_id = ?",
-                (job.state, self._body(job), job.job_id),
-            )
+    def save(self, job: gateway_pb2.Job, owner: str = "") -> None:
+        with self._transaction() as db:
+            self._fence(db, job.job_id, owner)
+            db.execute("UPDATE jobs SET state = ?, body = ? WHERE job_id = ?",
+                       (job.state, self._body(job), job.job_id))
 
-    def add_event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> StoredEvent:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE job_id = ?", (job_id,)
-            ).fetchone()
-            event = StoredEvent(job_id, row[0] + 1, time.time(), kind, stage, message)
-            self._db.execute(
-                "INSERT INTO events VALUES (?,?,?,?,?,?)",
-                (event.job_id, event.sequence, event.time, event.kind, event.stage, event.message),
-            )
+    @staticmethod
+    def _append(db: sqlite3.Connection, job_id: str, kind: int, stage: str, message: str) -> StoredEvent:
+        row = db.execute("SELECT COALESCE(MAX(sequence), 0) FROM events WHERE job_id = ?",
+                         (job_id,)).fetchone()
+        event = StoredEvent(job_id, row[0] + 1, time.time(), kind, stage, message)
+        db.execute("INSERT INTO events VALUES (?,?,?,?,?,?)", astuple(event))
         return event
+
+    def add_event(
+        self, job_id: str, kind: int, stage: str = "", message: str = "", owner: str = ""
+    ) -> StoredEvent:
+        with self._transaction() as db:
+            self._fence(db, job_id, owner)
+            return self._append(db, job_id, kind, stage, message)
+
+    def save_with_event(
+        self, job: gateway_pb2.Job, kind: int, stage: str = "", message: str = "", owner: str = ""
+    ) -> StoredEvent:
+        with self._transaction() as db:
+            self._fence(db, job.job_id, owner)
+            db.execute("UPDATE jobs SET state = ?, body = ? WHERE job_id = ?",
+                       (job.state, self._body(job), job.job_id))
+            return self._append(db, job.job_id, kind, stage, message)
+
+    def claim(
+        self, owner: str, lease_seconds: float, limit: int, *, job_id: str = "", own: bool = False,
+        force: bool = False,
+    ) -> list[Claimed]:
+        now = time.time()
+        where, args = ["state IN (?, ?)"], [gateway_pb2.PENDING, gateway_pb2.RUNNING]
+        if job_id:
+            where.append("job_id = ?")
+            args.append(job_id)
+        if not force:
+            where.append("(owner = '' OR lease_until < ?" + (" OR owner = ?)" if own else ")"))
+            args += [now, owner] if own else [now]
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT job_id, owner, body FROM jobs WHERE {' AND '.join(where)} "
+                "ORDER BY created_at, job_id LIMIT ?",
+                [*args, limit],
+            ).fetchall()
+            db.executemany("UPDATE jobs SET owner = ?, lease_until = ? WHERE job_id = ?",
+                           [(owner, now + lease_seconds, row[0]) for row in rows])
+        return [Claimed(self._job(body), previous) for _, previous, body in rows]
+
+    def renew(self, owner: str, job_ids: Iterable[str], lease_seconds: float) -> dict[str, bool]:
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT job_id, cancel_requested FROM jobs WHERE owner = ? AND state IN (?, ?) "
+                f"AND job_id IN ({marks})",
+                [owner, gateway_pb2.PENDING, gateway_pb2.RUNNING, *ids],
+            ).fetchall()
+            db.executemany("UPDATE jobs SET lease_until = ? WHERE job_id = ?",
+                           [(time.time() + lease_seconds, row[0]) for row in rows])
+        return {job_id: bool(cancel) for job_id, cancel in rows}
+
+    def release(self, owner: str, job_ids: Iterable[str]) -> None:
+        with self._transaction() as db:
+            db.executemany("UPDATE jobs SET owner = '', lease_until = 0 WHERE job_id = ? AND owner = ?",
+                           [(job_id, owner) for job_id in job_ids])
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+
+    def lease(self, job_id: str) -> tuple[str, float]:
+        with self._lock:
+            row = self._db.execute("SELECT owner, lease_until FROM jobs WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+        return ("", 0.0) if row is None else (row[0], row[1] - time.time())
 
     def events_after(self, job_id: str, after_sequence: int) -> list[StoredEvent]:
         with self._lock:
@@ -267,10 +437,17 @@ class PostgresJobStore(JobStore):
           message TEXT NOT NULL,
           PRIMARY KEY (job_id, sequence)
         );
+        ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner TEXT COLLATE "C" NOT NULL DEFAULT '';
+        ALTER TABLE jobs ADD COLUMN IF NOT EXISTS lease_until DOUBLE PRECISION NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
     """
+    # Lease times come from the database's clock, so gateways whose clocks disagree still agree on
+    # whether a lease ran out.
+    NOW = "extract(epoch from clock_timestamp())::double precision"
     # pg_advisory_xact_lock key: processes starting together create the tables one after the other
     # (concurrent CREATE … IF NOT EXISTS can still collide in the catalog).
     SCHEMA_LOCK = 0x6472616D61  # "drama"
+    shared = True
 
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
         import psycopg  # the gateway extra; only a postgresql:// URL needs it
@@ -319,15 +496,19 @@ class PostgresJobStore(JobStore):
             self._conn = self._connect()
             return op(self._conn)
 
-    def create(self, job: gateway_pb2.Job) -> tuple[gateway_pb2.Job, bool]:
+    def create(
+        self, job: gateway_pb2.Job, owner: str = "", lease_seconds: float = 0.0
+    ) -> tuple[gateway_pb2.Job, bool]:
         created = job.created_at.ToNanoseconds() / 1e9 if job.HasField("created_at") else time.time()
         body = self._body(job)
 
         def op(conn: Any) -> tuple[gateway_pb2.Job, bool]:
             inserted = conn.execute(
-                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (job.job_id, job.request_id, job.pipeline, job.state, created, body),
+                "INSERT INTO jobs(job_id, request_id, pipeline, state, created_at, body, owner, lease_until) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, CASE WHEN %s = '' THEN 0 ELSE {self.NOW} + %s END) "
+                "ON CONFLICT DO NOTHING",
+                (job.job_id, job.request_id, job.pipeline, job.state, created, body, owner, owner,
+                 lease_seconds),
             ).rowcount
             if inserted:
                 return job, True
@@ -364,32 +545,35 @@ class PostgresJobStore(JobStore):
         )
         return self._job(row[0]) if row else None
 
-    def save(self, job: gateway_pb2.Job) -> None:
-        body = self._body(job)
-        self._run(
-            lambda conn: conn.execute(
-                "UPDATE jobs SET state = %s, body = %s WHERE job_id = %s", (job.state, body, job.job_id)
-            )
-        )
+    def _fence(self, conn: Any, job_id: str, owner: str) -> None:
+        """Lock the job's row (writers of one job queue on it) and check ``owner`` still holds it."""
+        row = conn.execute("SELECT owner FROM jobs WHERE job_id = %s FOR UPDATE", (job_id,)).fetchone()
+        if owner and (row is None or row[0] != owner):
+            raise LeaseLost(job_id, owner, row[0] if row else None)
 
-    def add_event(self, job_id: str, kind: int, stage: str = "", message: str = "") -> StoredEvent:
-        def op(conn: Any) -> StoredEvent:
+    def _append(self, conn: Any, job_id: str, kind: int, stage: str, message: str) -> StoredEvent:
+        # Writers of one job queue on its row (locked by _fence); each then reads the MAX the previous
+        # one committed (READ COMMITTED takes a fresh snapshot per statement).
+        (sequence,) = conn.execute(
+            "SELECT COALESCE(MAX(sequence), 0) + 1 FROM events WHERE job_id = %s", (job_id,)
+        ).fetchone()
+        event = StoredEvent(job_id, sequence, time.time(), kind, stage, message)
+        conn.execute(
+            "INSERT INTO events(job_id, sequence, time, kind, stage, message) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            astuple(event),
+        )
+        return event
+
+    def _write(self, job_id: str, owner: str, write: Callable[[Any], R]) -> R:
+        """Run ``write(conn)`` in a transaction fenced by ``owner``."""
+
+        def op(conn: Any) -> R:
             for attempt in range(5):
                 try:
                     with conn.transaction():
-                        # Writers of one job queue on its row; each then reads the MAX the previous
-                        # one committed (READ COMMITTED takes a fresh snapshot per statement).
-                        conn.execute("SELECT 1 FROM jobs WHERE job_id = %s FOR UPDATE", (job_id,))
-                        (sequence,) = conn.execute(
-                            "SELECT COALESCE(MAX(sequence), 0) + 1 FROM events WHERE job_id = %s", (job_id,)
-                        ).fetchone()
-                        event = StoredEvent(job_id, sequence, time.time(), kind, stage, message)
-                        conn.execute(
-                            "INSERT INTO events(job_id, sequence, time, kind, stage, message) "
-                            "VALUES (%s, %s, %s, %s, %s, %s)",
-                            astuple(event),
-                        )
-                    return event
+                        self._fence(conn, job_id, owner)
+                        return write(conn)
                 except self._pg.errors.UniqueViolation:
                     # only possible without a job row to lock (events of an unknown job): take the next
                     if attempt == 4:
@@ -397,6 +581,77 @@ class PostgresJobStore(JobStore):
             raise AssertionError("unreachable")
 
         return self._run(op)
+
+    def save(self, job: gateway_pb2.Job, owner: str = "") -> None:
+        body = self._body(job)
+        self._write(job.job_id, owner, lambda conn: conn.execute(
+            "UPDATE jobs SET state = %s, body = %s WHERE job_id = %s", (job.state, body, job.job_id)))
+
+    def add_event(
+        self, job_id: str, kind: int, stage: str = "", message: str = "", owner: str = ""
+    ) -> StoredEvent:
+        return self._write(job_id, owner, lambda conn: self._append(conn, job_id, kind, stage, message))
+
+    def save_with_event(
+        self, job: gateway_pb2.Job, kind: int, stage: str = "", message: str = "", owner: str = ""
+    ) -> StoredEvent:
+        body = self._body(job)
+
+        def write(conn: Any) -> StoredEvent:
+            conn.execute("UPDATE jobs SET state = %s, body = %s WHERE job_id = %s",
+                         (job.state, body, job.job_id))
+            return self._append(conn, job.job_id, kind, stage, message)
+
+        return self._write(job.job_id, owner, write)
+
+    def claim(
+        self, owner: str, lease_seconds: float, limit: int, *, job_id: str = "", own: bool = False,
+        force: bool = False,
+    ) -> list[Claimed]:
+        where, args = ["state IN (%s, %s)"], [gateway_pb2.PENDING, gateway_pb2.RUNNING]
+        if job_id:
+            where.append("job_id = %s")
+            args.append(job_id)
+        if not force:
+            where.append(f"(owner = '' OR lease_until < {self.NOW}" + (" OR owner = %s)" if own else ")"))
+            args += [owner] if own else []
+        # SKIP LOCKED: a row another gateway is claiming (or writing) right now is left to it, and
+        # the WHERE is checked again on the row's newest version once it is locked.
+        sql = (
+            f"WITH c AS (SELECT job_id, owner FROM jobs WHERE {' AND '.join(where)} "
+            "ORDER BY created_at, job_id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE jobs j SET owner = %s, lease_until = {self.NOW} + %s FROM c WHERE j.job_id = c.job_id "
+            "RETURNING j.created_at, j.job_id, j.body, c.owner"
+        )
+        rows = self._run(lambda conn: conn.execute(sql, [*args, limit, owner, lease_seconds]).fetchall())
+        return [Claimed(self._job(body), previous) for _, _, body, previous in sorted(rows)]
+
+    def renew(self, owner: str, job_ids: Iterable[str], lease_seconds: float) -> dict[str, bool]:
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        rows = self._run(lambda conn: conn.execute(
+            f"UPDATE jobs SET lease_until = {self.NOW} + %s WHERE owner = %s AND job_id = ANY(%s) "
+            "AND state IN (%s, %s) RETURNING job_id, cancel_requested",
+            (lease_seconds, owner, ids, gateway_pb2.PENDING, gateway_pb2.RUNNING),
+        ).fetchall())
+        return {job_id: bool(cancel) for job_id, cancel in rows}
+
+    def release(self, owner: str, job_ids: Iterable[str]) -> None:
+        ids = list(job_ids)
+        if ids:
+            self._run(lambda conn: conn.execute(
+                "UPDATE jobs SET owner = '', lease_until = 0 WHERE owner = %s AND job_id = ANY(%s)",
+                (owner, ids)))
+
+    def request_cancel(self, job_id: str) -> None:
+        self._run(lambda conn: conn.execute(
+            "UPDATE jobs SET cancel_requested = TRUE WHERE job_id = %s", (job_id,)))
+
+    def lease(self, job_id: str) -> tuple[str, float]:
+        row = self._run(lambda conn: conn.execute(
+            f"SELECT owner, lease_until - {self.NOW} FROM jobs WHERE job_id = %s", (job_id,)).fetchone())
+        return ("", 0.0) if row is None else (row[0], float(row[1]))
 
     def events_after(self, job_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = self._run(
