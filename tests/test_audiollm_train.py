@@ -259,3 +259,35 @@ def test_a_cancelled_run_resumes_from_its_checkpoint(corpus: Path, tmp_path: Pat
     assert state["global_step"] == 10
     record = ModelStore(tmp_path).resolve(SERVICE, "resumed")
     assert record.labels["base_model"] == "tiny (seed 0)" and "loss/val" in record.metrics
+
+
+def test_two_gloo_processes_train_one_run_under_torchrun(corpus: Path, tmp_path: Path) -> None:
+    """``nproc_per_node: 2``: the runner starts the attempt under torchrun; two CPU processes train one
+    DistributedDataParallel model over gloo, rank 0 alone writes the run's checkpoints and publishes."""
+    from dramaturg.shared.registry import recipes_path
+    from dramaturg.shared.training.runner import TrainingRunner
+    from dramaturg.shared.training.runs import WORKER_LOG, list_checkpoints
+
+    store = ModelStore(tmp_path)
+    runner = TrainingRunner(tmp_path, SERVICE, recipes_path(SERVICE), store)
+    overrides = {**STAGE1, "max_steps": 6, "eval_every": 3, "batch_size": 2, "nproc_per_node": 2}
+    try:
+        record = runner.run_inline("stage1", str(corpus), overrides, output_model="audiollm-ddp")
+    finally:
+        runner.close()
+    worker_log = (record.run_dir / WORKER_LOG).read_text()
+    assert record.state == "SUCCEEDED", worker_log[-4000:]
+    for rank in (0, 1):
+        assert f"data parallel: 2 processes (gloo), this is rank {rank}" in worker_log
+    assert "in each of 2 processes" in worker_log
+    # the books were kept once: one checkpoint per evaluation, one publish, one progress stream
+    assert [c.step for c in list_checkpoints(record.run_dir)] == [3, 6]
+    events = [json.loads(line) for line in (record.run_dir / EVENTS_FILE).read_text().splitlines()]
+    checkpoints = [e["checkpoint"]["step"] for e in events if e["type"] == "checkpoint"]
+    assert checkpoints == [3, 6]
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert sorted(metric_series(record.run_dir, "loss/val")) == [0, 3, 6]
+    published = store.resolve(SERVICE, record.published_model)
+    model, _ = load_audiollm(Path(published.path))
+    assert model is not None

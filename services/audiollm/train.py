@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from dramaturg.shared.grpc.errors import ServiceError
 from dramaturg.shared.store import atomic_write_json
-from dramaturg.shared.training import RunContext
+from dramaturg.shared.training import RunContext, distributed
 from dramaturg.shared.training.hf_bridge import BRIDGE_ARGUMENTS, RunContextCallback, attach, resume_path
 from dramaturg.shared.training.selection import Monitor, best_checkpoint
 from transformers import Trainer, TrainingArguments
@@ -138,6 +138,7 @@ def training_arguments(cfg: Mapping[str, Any], output_dir: Path, batch_size: int
         dataloader_num_workers=int(cfg["num_workers"]),
         remove_unused_columns=False,
         use_cpu=device_of(cfg) == "cpu",
+        ddp_find_unused_parameters=False,  # every trainable part is in every forward pass
         **BRIDGE_ARGUMENTS,  # the bridge decides when to evaluate and save
     )
 
@@ -184,7 +185,8 @@ def run_stage(ctx: RunContext) -> None:
     if not train_items:
         raise ValueError("no training item: check train_annotation and tasks")
 
-    folder, base_ref = base_folder(ctx, cfg)
+    with distributed.primary_first():  # a from-scratch base is built and written once, by rank 0
+        folder, base_ref = base_folder(ctx, cfg)
     model, processor = load_audiollm(folder)
     ctx.log(f"base model: {base_ref}")
     with torch.random.fork_rng(devices=[]):  # LoRA's initialisation does not move the run's RNG
@@ -223,7 +225,8 @@ def run_stage(ctx: RunContext) -> None:
     ctx.log(
         f"{ctx.record.recipe}: {trainable:,} of {total:,} parameters trained (Q-Former, projection, LoRA), "
         f"{int(cfg['max_steps'])} steps of {batch_size} × {int(cfg['gradient_accumulation'])} "
-        f"on {args.device}"
+        f"on {args.device}" + (f" in each of {distributed.world_size()} processes"
+                               if distributed.is_distributed() else "")
     )
     resume = previous[-1] if previous else None
     if resume is not None:
@@ -233,6 +236,9 @@ def run_stage(ctx: RunContext) -> None:
     elif not held_items:
         ctx.log("no held-out item, so no held-out loss: the newest checkpoint is published", "WARNING")
     trainer.train(resume_from_checkpoint=resume_path(resume.path) if resume is not None else None)
+    distributed.barrier()  # every rank is done with the Trainer's scratch folder
+    if not ctx.is_primary:
+        return
     shutil.rmtree(scratch, ignore_errors=True)
     if ctx.cancelled():
         ctx.log("stopped before the end; nothing published", "WARNING")

@@ -13,6 +13,10 @@ a calibrated threshold written into the model's config) are subclass hooks or th
 The Trainer must not save or evaluate on its own schedule: build its arguments over
 :data:`BRIDGE_ARGUMENTS` (TRL's configs accept them too) and :func:`attach` the callback.
 
+In a data-parallel run (shared/training/distributed.py) every rank runs the Trainer with this callback:
+a cancel stops all ranks at the same step, every rank takes part in a checkpoint's save (the Trainer
+writes each rank's RNG state), and only rank 0 evaluates and writes the run's checkpoint.
+
 transformers is imported at module level: only the worker subprocess imports this module (from a
 recipe's training function), never the server.
 """
@@ -26,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dramaturg.shared.training import distributed
 from dramaturg.shared.training.recipe import RunContext
 from dramaturg.shared.training.runs import TRAINER_STATE_DIR
 from dramaturg.shared.training.selection import Monitor
@@ -102,7 +107,9 @@ class RunContextCallback(TrainerCallback):
     def evaluate(self, step: int, epoch: float) -> dict[str, float]:
         """Score now, log the metrics; also callable before ``trainer.train()`` to score the start
         (before the Trainer seeds its RNG, so the scoring does not shift training's random stream)."""
-        metrics = dict(self.evaluate_fn(step, epoch)) if self.evaluate_fn is not None else {}
+        # rank 0 scores for the run; the other ranks of a data-parallel run wait at the next all-reduce
+        scoring = self.evaluate_fn is not None and self.ctx.is_primary
+        metrics = dict(self.evaluate_fn(step, epoch)) if scoring else {}
         if metrics:
             self.ctx.log_metrics(self.step_offset + step, epoch, metrics)
             self.ctx.log(self.summary(step, metrics))
@@ -115,7 +122,7 @@ class RunContextCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         step = state.global_step
         self.ctx.report(self.step_offset + step, self.total_steps or state.max_steps, state.epoch)
-        if self.ctx.cancelled():
+        if distributed.any_rank(self.ctx.cancelled()):
             control.should_training_stop = True
             return
         if self.due(step, state.max_steps):
@@ -143,6 +150,9 @@ class RunContextCallback(TrainerCallback):
             return
         step = state.global_step
         trainer_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        distributed.barrier()  # every rank has written its part of the Trainer's checkpoint
+        if not self.ctx.is_primary:
+            return
         metrics, self.pending = dict(self.pending), {}
         value = self.monitor.value(metrics) if self.monitor is not None else None
         is_best = self.monitor.improves(value, self.best) if self.monitor is not None else True

@@ -157,6 +157,10 @@ class RunContext:
     the event stream is read by every watcher; metrics, logs and checkpoints are never throttled.
     """
 
+    #: False on ranks 1…N-1 of a data-parallel run (shared/training/distributed.py): they train but
+    #: do not publish
+    is_primary = True
+
     def __init__(self, record: RunRecord, events: EventLog, store: ModelStore | None = None, *,
                  progress_interval: float = 0.2, purge_step: int | None = None) -> None:
         self.record = record

@@ -53,6 +53,7 @@ from dramaturg.shared.store import (
     file_lock,
     parse_ref,
 )
+from dramaturg.shared.training import distributed
 from dramaturg.shared.training.recipe import Recipe, load_recipes, local_path, merge_config
 from dramaturg.shared.training.runs import (
     CANCEL_MARKER,
@@ -290,8 +291,10 @@ class TrainingRunner:
                 with open(run_dir / WORKER_LOG, "ab") as worker_log:
                     worker_log.write(f"--- attempt {record.attempts} ---\n".encode())
                     worker_log.flush()
+                    nproc = int(record.config.get(distributed.NPROC_KEY, 1) or 1)
                     proc = subprocess.Popen(
-                        [self.python, "-m", WORKER_MODULE, str(run_dir)], cwd=run_dir, env=self._env,
+                        distributed.worker_command(self.python, WORKER_MODULE, run_dir, nproc),
+                        cwd=run_dir, env=self._env,
                         stdin=subprocess.DEVNULL, stdout=worker_log, stderr=subprocess.STDOUT,
                         start_new_session=True,  # its own process group: SIGKILL takes its children too
                     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from dramaturg.shared.store import ModelStore
+from dramaturg.shared.training import distributed
 from dramaturg.shared.training.recipe import RunContext, load_recipes
 from dramaturg.shared.training.runs import (
     CANCEL_MARKER,
@@ -62,11 +63,32 @@ def _finish(run_dir: Path, events: EventLog, state: str, error: str = "") -> Non
         save_run(record)
 
 
+def run_follower(run_dir: Path, stop: _Stop) -> int:
+    """Ranks 1…N-1 of a data-parallel attempt: run the recipe beside rank 0, keep no books."""
+    record = load_run(run_dir)
+    events = EventLog(run_dir / EVENTS_FILE, record.run_id, attempt=record.attempts)
+    ctx = distributed.FollowerContext(record, events, None)
+    stop.ctx = ctx
+    if stop.requested:
+        ctx.request_stop()
+    try:
+        distributed.init_process_group()
+        log.info("run %s: %s", record.run_id, distributed.describe())
+        recipe = load_recipes(record.recipes_import_path)[record.recipe]
+        recipe.run(ctx)
+    except BaseException:
+        log.exception("rank %d: recipe %s failed", distributed.rank(), record.recipe)
+        return 1
+    return 0
+
+
 def run(run_dir: Path) -> int:
     """One attempt; returns the exit status (0 done, 1 failed, 75 preempted and resumable)."""
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if distributed.rank() > 0:
+        return run_follower(run_dir, stop)
 
     with run_lock(run_dir):
         record = load_run(run_dir)
@@ -105,6 +127,9 @@ def run(run_dir: Path) -> int:
         stop.ctx = ctx
         if stop.requested:
             ctx.request_stop()
+        if distributed.is_distributed():
+            distributed.init_process_group()
+            ctx.log(distributed.describe())
         recipe.run(ctx)
     except SystemExit as err:
         if err.code not in (0, None):
