@@ -288,3 +288,90 @@ def test_concurrent_requests_queue_and_all_finish(served: Served) -> None:
     for t in threads:
         t.join()
     assert len(replies) == 3 and len({r.text for r in replies}) == 1
+
+
+# -- batching -------------------------------------------------------------------------------------------
+
+
+def concurrently(calls: list) -> list:
+    """Run the calls at once (threads), return their results (or the RpcError each raised), in order."""
+    out: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except grpc.RpcError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_batched_requests_answer_what_each_gets_alone(dramaturg_home: Path) -> None:
+    """Different clip lengths, tasks and max_new_tokens in one left-padded generate: each row's text
+    and token count equal the same request's on a server that does not batch."""
+    publish_tiny(dramaturg_home)
+    other = speechlike(2.2, seed=7)
+    requests = [
+        request(AUDIO, generation={"max_new_tokens": 12}),
+        request(AUDIO[:RATE], task=Task.CAPTION, generation={"max_new_tokens": 20}),
+        request(other, generation={"max_new_tokens": 5}),
+        request(other, task=Task.TASK_UNSPECIFIED, prompt="Who is speaking, and how fast?",
+                generation={"max_new_tokens": 16}),
+    ]
+    alone = Served(dramaturg_home, batching=False)
+    try:
+        expected = [alone.stub.Generate(r, timeout=60) for r in requests]
+    finally:
+        alone.stop()
+    batches = metric("dramaturg_batch_size_count", service="audiollm", queue="generate-batch")
+    rows = metric("dramaturg_batch_size_sum", service="audiollm", queue="generate-batch")
+    batched = Served(dramaturg_home, batching=True, max_batch_items=4, max_wait_ms=300)
+    try:
+        replies = concurrently([lambda r=r: batched.stub.Generate(r, timeout=60) for r in requests])
+    finally:
+        batched.stop()
+    for reply, want in zip(replies, expected, strict=True):
+        assert isinstance(reply, audiollm_pb2.GenerateResponse), reply
+        assert (reply.text, reply.usage.completion_tokens, reply.finish_reason) == (
+            want.text, want.usage.completion_tokens, want.finish_reason)
+        assert reply.usage.prompt_tokens == want.usage.prompt_tokens
+        assert 0 < reply.usage.time_to_first_token_seconds < 60
+    new_batches = metric("dramaturg_batch_size_count", service="audiollm", queue="generate-batch") - batches
+    new_rows = metric("dramaturg_batch_size_sum", service="audiollm", queue="generate-batch") - rows
+    assert new_rows == len(requests) and new_batches < len(requests)  # some really ran together
+
+
+def test_a_batched_row_past_its_deadline_stops_and_the_others_finish(dramaturg_home: Path) -> None:
+    publish_tiny(dramaturg_home)
+    served = Served(dramaturg_home, max_new_tokens=1900, batching=True, max_batch_items=2, max_wait_ms=300)
+    try:
+        began = time.monotonic()
+        whole = served.stub.Generate(request(AUDIO[:RATE], generation=LONG), timeout=120)
+        solo_seconds = time.monotonic() - began
+        assert whole.usage.completion_tokens == 1900
+        timed: list[float] = []
+
+        def short_one() -> audiollm_pb2.GenerateResponse:
+            start = time.monotonic()
+            reply = served.stub.Generate(request(AUDIO[:RATE], generation={"max_new_tokens": 200}),
+                                         timeout=120)
+            timed.append(time.monotonic() - start)
+            return reply
+
+        doomed, kept = concurrently([
+            lambda: served.stub.Generate(request(AUDIO[:RATE], generation=LONG), timeout=0.8),
+            short_one,
+        ])
+        wait_for(lambda: metric("dramaturg_audiollm_requests_running") == 0, 10, "the batch to end")
+    finally:
+        served.stop()
+    assert isinstance(doomed, grpc.RpcError) and doomed.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(kept, audiollm_pb2.GenerateResponse) and kept.usage.completion_tokens == 200
+    assert kept.text == whole.text[: len(kept.text)]  # greedy: the long answer's beginning
+    # the batch ended with the short row: the long row had stopped, it did not decode to 1900
+    assert timed[0] < 0.6 * solo_seconds, (timed, solo_seconds)

@@ -19,6 +19,11 @@ class AudioLlmSettings(ModelServiceSettings):
     max_new_tokens: int = Field(512, ge=1)
     # Requests waiting for the model beyond the one generating; more are RESOURCE_EXHAUSTED.
     max_waiting: int = Field(8, ge=0)
+    # Dynamic batching (shared/batching.py) of concurrent greedy Generate requests: one left-padded
+    # generate, each row stopped on its own. None: on for a CUDA device, off on CPU.
+    batching: bool | None = None
+    max_batch_items: int = Field(8, ge=1)  # requests per batch
+    max_wait_ms: float = Field(5.0, ge=0)  # how long the first request waits for company
 
     @model_validator(mode="after")
     def _consistent(self) -> AudioLlmSettings:

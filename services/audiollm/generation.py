@@ -153,6 +153,12 @@ class Sampling:
     repetition_penalty: float = 0.0
     seed: int = 0
 
+    @property
+    def batchable(self) -> bool:
+        """Greedy without a repetition penalty: rows of one batched ``generate`` decode exactly as they
+        would alone (a sampled request's seed draws from the batch's one random stream)."""
+        return self.temperature <= 0 and self.repetition_penalty in (0.0, 1.0)
+
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
         if self.temperature > 0:
@@ -290,3 +296,61 @@ def _stop_check_class() -> type:
 def stop_check(should_stop: ShouldStop) -> Any:
     """A :class:`StopCheck` that is also a transformers ``StoppingCriteria`` (generate merges by type)."""
     return _stop_check_class()(should_stop)
+
+
+class StepTimes:
+    """A ``generate`` streamer for a batch: when each decoding step produced its tokens."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate's first put is the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(self.clock())
+
+    def end(self) -> None:
+        pass
+
+
+class RowStops:
+    """A batch's ``StoppingCriteria``: a row is done at its own ``max_new_tokens`` or once its caller
+    should stop (``should_stop()`` non-empty: deadline, cancelled call); ``generate`` pads a done row
+    and ends when every row is done. ``stopped[i]`` says why row i was stopped early ("" if it was not).
+    Built by :func:`row_stops`.
+    """
+
+    def __init__(self, prompt_length: int, limits: Sequence[int], should_stop: Sequence[ShouldStop]) -> None:
+        self.prompt_length = prompt_length
+        self.limits = list(limits)
+        self.should_stop = list(should_stop)
+        self.stopped = [""] * len(self.limits)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        produced = input_ids.shape[1] - self.prompt_length
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, (limit, stop) in enumerate(zip(self.limits, self.should_stop, strict=True)):
+            if produced >= limit:
+                done[row] = True
+            elif not self.stopped[row]:
+                self.stopped[row] = stop() or ""
+            if self.stopped[row]:
+                done[row] = True
+        return done
+
+
+@functools.cache
+def _row_stops_class() -> type:
+    from transformers import StoppingCriteria
+
+    return type("GenerationRowStops", (RowStops, StoppingCriteria), {})
+
+
+def row_stops(prompt_length: int, limits: Sequence[int], should_stop: Sequence[ShouldStop]) -> Any:
+    """A :class:`RowStops` that is also a transformers ``StoppingCriteria``."""
+    return _row_stops_class()(prompt_length, limits, should_stop)

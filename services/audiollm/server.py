@@ -13,7 +13,13 @@ one encoder window is read window by window, the model's chunking), prefill and 
 loop as they come. A deadline or a cancelled call stops decoding at the next token (a
 ``StoppingCriteria`` raising ``shared/cancellation``'s ``Stopped``).
 
-One generation runs at a time (one model thread); concurrent requests queue, they are not batched.
+One model call runs at a time (one model thread). With ``batching`` on (the default on a GPU),
+concurrent greedy ``Generate`` requests join the model's dynamic batcher (``shared/batching``: a
+bounded queue, RESOURCE_EXHAUSTED with a retry delay when full; a request whose caller left before its
+batch runs is dropped) and decode together in one ``generate``: their prompts left-padded, each row
+stopped at its own ``max_new_tokens``, end of answer, deadline or cancelled call (the others decode
+on). A row's answer is the one it gets alone (a test checks this). Streams and sampled requests run
+one at a time through the slot; they share the model thread with the batches.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import contextlib
 import copy
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +46,9 @@ from dramaturg.services.audiollm.generation import Sampling, TextDeltas
 from dramaturg.shared import audio as audio_io
 from dramaturg.shared import metrics
 from dramaturg.shared.admission import ConcurrencyLimiter
+from dramaturg.shared.batching import DynamicBatcher
 from dramaturg.shared.cancellation import ShouldStop, Stopped, never_stop, run_cancellable
-from dramaturg.shared.grpc.errors import invalid_argument
+from dramaturg.shared.grpc.errors import deadline_exceeded, invalid_argument
 from dramaturg.shared.grpc.interceptors import deadline_of
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.model_service import ModelService, ModelServicer, require_model_type
@@ -65,6 +74,16 @@ class Job:
     sampling: Sampling
     prompt_tokens: int
     audio_tokens: int
+    # a batched job's own stop: set when its caller leaves or its deadline passes while it decodes
+    stop: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic()
+
+    def should_stop(self) -> str:
+        if self.stop.is_set():
+            return "the call ended"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "the deadline passed"
+        return ""
 
 
 @dataclass
@@ -75,13 +94,14 @@ class Result:
     first_token_at: float | None  # time.perf_counter()
     last_token_at: float | None
     rest: str = ""  # what the streamed deltas have not sent of ``text`` (GenerateStream's final delta)
+    stopped: str = ""  # a batched row stopped before its end: why
 
 
 class LoadedAudioLlm:
     """A loaded audio LLM with its processor. :meth:`generate` runs on the service's model thread."""
 
     def __init__(self, model: Any, processor: Any, record: ModelRecord, device: str,
-                 settings: AudioLlmSettings) -> None:
+                 settings: AudioLlmSettings, executor: Executor | None = None) -> None:
         from dramaturg.services.audiollm.prompt import TASK_INSTRUCTIONS
 
         self.model = model
@@ -102,6 +122,24 @@ class LoadedAudioLlm:
             [processor.audio_token, processor.audio_placeholder, "<Speech>", "</Speech>"],
             settings.max_prompt_chars,
         )
+        self.batcher: DynamicBatcher[Job, Result] | None = None
+        batching = settings.batching
+        if batching is None:  # unset: batch on a GPU, where a padded batch decodes at about one's pace
+            batching = str(device).startswith("cuda")
+        if batching:
+            self.batcher = DynamicBatcher(
+                self.generate_many,
+                max_batch_size=settings.max_batch_items,
+                max_wait_ms=settings.max_wait_ms,
+                max_queue=max(1, settings.max_waiting),
+                executor=executor,  # the service's model thread, as every other model call
+                name=f"audiollm:{record.ref}",
+                **metrics.batcher_hooks(SERVICE, "generate-batch", max(1, settings.max_waiting)),
+            )
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop(drain=True)
 
     def prompt_tokens(self, instruction: str, num_samples: int) -> tuple[int, int]:
         """(prompt tokens, audio ones included; audio tokens) of ``instruction`` over ``num_samples``."""
@@ -131,6 +169,43 @@ class LoadedAudioLlm:
         finish = "stop" if new and new[-1] in self.eos_ids else "length"
         return Result(streamer.text(), finish, len(new), streamer.first_token_at, streamer.last_token_at,
                       streamer.rest())
+
+    def generate_many(self, jobs: list[Job]) -> list[Result]:
+        """Greedy jobs decoded together: one left-padded batch, each row stopped on its own."""
+        import torch
+
+        generation.RUNNING.inc(len(jobs))
+        try:
+            inputs = self.processor([j.audio for j in jobs], [j.instruction for j in jobs]).to(self.device)
+            prompt_length = int(inputs["input_ids"].shape[1])
+            limits = [j.sampling.max_new_tokens for j in jobs]
+            steps = generation.StepTimes()
+            stops = generation.row_stops(prompt_length, limits, [j.should_stop for j in jobs])
+            with torch.random.fork_rng(devices=[]):
+                out = self.model.generate(
+                    **inputs,
+                    streamer=steps,
+                    stopping_criteria=[stops],
+                    pad_token_id=self.pad_id,
+                    **Sampling(max_new_tokens=max(limits)).generate_kwargs(),
+                )
+        finally:
+            generation.RUNNING.dec(len(jobs))
+        results = []
+        for row, limit in enumerate(limits):
+            ids: list[int] = []
+            finish = "length"
+            for token in out[row, prompt_length:prompt_length + limit].tolist():
+                ids.append(int(token))
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+            text = str(self.processor.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+            first = steps.times[0] if ids and steps.times else None
+            last = steps.times[min(len(ids), len(steps.times)) - 1] if ids and steps.times else None
+            stopped = stops.stopped[row] if finish != "stop" and len(ids) < limit else ""
+            results.append(Result(text, finish, len(ids), first, last, stopped=stopped))
+        return results
 
 
 class AudioLlmServicer(ModelServicer[LoadedAudioLlm], audiollm_pb2_grpc.AudioLLMServicer):
@@ -204,10 +279,21 @@ class AudioLlmServicer(ModelServicer[LoadedAudioLlm], audiollm_pb2_grpc.AudioLLM
         model = await self.model(request.model)
         job = await self._job(request, model)
         deadline = deadline_of(context)
-        async with self.service.limiter.slot(deadline):
+        if model.batcher is not None and job.sampling.batchable:
+            job.deadline = deadline
             generation_began = time.perf_counter()
-            result = await self._run(model, job, deadline)
+            try:  # waits for a batch; a caller gone before it runs costs nothing
+                result = await model.batcher.submit(job, deadline=deadline)
+            finally:
+                job.stop.set()  # a row still decoding for a caller that left (or timed out) stops
+            if result.stopped:
+                raise deadline_exceeded(f"the generation stopped: {result.stopped}; {DEADLINE_HINT}")
             generation_seconds = time.perf_counter() - generation_began
+        else:
+            async with self.service.limiter.slot(deadline):
+                generation_began = time.perf_counter()
+                result = await self._run(model, job, deadline)
+                generation_seconds = time.perf_counter() - generation_began
         return audiollm_pb2.GenerateResponse(
             request_id=request.request_id,
             text=result.text,
@@ -284,7 +370,11 @@ class AudioLlmService(ModelService):
 
         require_servable(record)
         model, processor = load_audiollm(record.path, device=device)
-        return LoadedAudioLlm(model, processor, record, device, self.settings)
+        return LoadedAudioLlm(model, processor, record, device, self.settings, self.executor)
+
+    def release_model(self, model: LoadedAudioLlm) -> None:
+        if model.batcher is not None:
+            asyncio.get_event_loop().create_task(model.close())
 
     async def warm_up(self, model: LoadedAudioLlm) -> None:
         audio = np.zeros(SAMPLE_RATE // 2, np.float32)
