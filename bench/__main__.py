@@ -12,6 +12,7 @@ BENCHMARKS = {
     "evaluator-items": "bench.evaluator_items",
     "gateway-load": "bench.gateway_load",
     "tts-synthesis": "bench.tts_synthesis",
+    "audiollm-generate": "bench.audiollm_generate",
 }
 
 

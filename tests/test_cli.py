@@ -172,3 +172,23 @@ def test_eval_dispatches_to_the_services_own_command(capsys) -> None:
         main(["eval", "evaluator", "--help"])
     assert exit_info.value.code == 0
     assert "--from-results" in capsys.readouterr().out
+
+
+def test_the_stack_gateway_config_enables_the_web_console(tmp_path) -> None:
+    """`dramaturg up` writes the gateway's console port into its config and prints where to sign in."""
+    from dramaturg.services.gateway.config import GatewaySettings
+    from dramaturg.shared.cli.stack import Stack, StackProcess, describe, gateway_config
+    from dramaturg.shared.config import load_settings
+
+    endpoints = {"speaker": "127.0.0.1:1"}
+    with_console = load_settings(GatewaySettings, gateway_config(tmp_path, endpoints, 8181),
+                                 env_prefix="DRAMATURG_GATEWAY_")
+    assert with_console.console_port == 8181 and with_console.services == endpoints
+    without = load_settings(GatewaySettings, gateway_config(tmp_path, endpoints),
+                            env_prefix="DRAMATURG_GATEWAY_")
+    assert without.console_port is None
+    stack = Stack(home=str(tmp_path), token_file="t", console="http://127.0.0.1:8181/",
+                  processes=[StackProcess("gateway", 1, 50051, 9090, "gw.log")])
+    assert "web console: http://127.0.0.1:8181/" in describe(stack)
+    stack.save(tmp_path / "stack.json")
+    assert Stack.load(tmp_path / "stack.json").console == "http://127.0.0.1:8181/"

@@ -54,3 +54,11 @@ class GatewaySettings(ServiceSettings):
     # Folders under which a SubmitJob's audio.uri may point (clients on the gateway's machine or
     # volume submitting long recordings by path); empty: clients send the audio inline.
     audio_uri_roots: list[str] = Field(default_factory=list)
+    # web console
+    # The browser front end (services/gateway/console.py), served by the gateway process itself behind
+    # the API token. None: no console; 0: any free port (logged, and GatewayService.console_url).
+    console_port: int | None = Field(None, ge=0, le=65535)
+    # Where it listens; empty = server.host (loopback unless the gRPC server is exposed too).
+    console_host: str = ""
+    # How long a sign-in lasts; the session cookie is an HMAC of the token, so a new token ends them all.
+    console_session_hours: float = Field(12.0, gt=0)

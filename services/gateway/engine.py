@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -91,6 +92,7 @@ _MESSAGE_TOO_LARGE = re.compile(r"message larger than max", re.IGNORECASE)
 # ErrorInfo reasons of RESOURCE_EXHAUSTED answers that no retry can change (shared/audio.py).
 PERMANENT_REASONS = frozenset({"PAYLOAD_TOO_LARGE"})
 INPUT_FILE = "input.json"  # a job's input: which blob, and its rate and length
+SCENE_AUDIO_FILE = "scene.wav"  # a hard link to the job's decoded input, kept after the blob goes
 LEGACY_INPUT_FILE = "input.pb"  # what gateways before the blob store kept: the client's AudioInput
 S = gateway_pb2  # short alias for the enums
 _TOO_LARGE_HINT = (
@@ -144,6 +146,23 @@ class JobInput:
     def from_json(cls, data: dict[str, Any]) -> JobInput:
         return cls(str(data["blob"]), str(data.get("suffix", "")), int(data["size"]),
                    int(data["sample_rate_hz"]), int(data["samples"]))
+
+
+def keep_scene_audio(blobs: BlobStore, stored: JobInput, work: Path) -> None:
+    """Hard-link the job's decoded input into its folder (:data:`SCENE_AUDIO_FILE`): the blob goes when
+    the last job using it ends, the job's reports (the console's line players) still need the scene.
+    A hard link costs no space; where the job folder and the blob store are on different file systems
+    there is none, and the lines play only while the blob exists."""
+    ref = blobs.get(stored.digest, stored.suffix)
+    if ref is None:
+        return
+    try:
+        os.link(ref.path, work / SCENE_AUDIO_FILE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.info("no hard link of the scene audio into %s (%s): its lines play while the blob exists",
+                 work, exc.strerror or exc)
 
 
 def _decode_to_wav(message: common_pb2.AudioInput, limits: audio_io.AudioLimits) -> tuple[bytes, int]:
@@ -429,6 +448,7 @@ class JobEngine:
         def write() -> None:
             self.blobs.put(wav, stored.suffix)
             work.mkdir(parents=True, exist_ok=True)
+            keep_scene_audio(self.blobs, stored, work)
             atomic_write_json(work / INPUT_FILE, stored.to_json())
 
         try:

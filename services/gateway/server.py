@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -21,6 +22,9 @@ from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import ChannelPool
 from dramaturg.shared.grpc.server import Registration
 from dramaturg.shared.service import Service
+
+if TYPE_CHECKING:
+    from dramaturg.services.gateway.console import ConsoleServer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,12 @@ class GatewayService(Service):
                  settings.audio_transport, self.blobs.root)
         log.info("gateway replica %s: job leases of %gs in %s", self.engine.owner, settings.lease_seconds,
                  type(self.store).__name__)
+        self.console: ConsoleServer | None = None
+
+    @property
+    def console_url(self) -> str | None:
+        """Where the web console listens (its bound port when ``console_port`` is 0), None without one."""
+        return self.console.url if self.console is not None else None
 
     def registrations(self) -> list[Registration]:
         return [
@@ -137,8 +147,31 @@ class GatewayService(Service):
 
     async def start(self) -> None:
         await self.engine.start()
+        if self.settings.console_port is not None:
+            await self._start_console()
+
+    async def _start_console(self) -> None:
+        """The web console on this process's event loop, calling this engine (services/gateway/console.py)."""
+        try:
+            from dramaturg.services.gateway.console import Console, ConsoleServer
+        except ImportError as exc:  # starlette / uvicorn come with the gateway extra
+            raise RuntimeError(f"the web console (console_port) needs the gateway extra: "
+                               f"pip install 'dramaturg[gateway]' ({exc})") from exc
+        settings = self.settings
+        console = Console(self.engine, self.token, session_seconds=settings.console_session_hours * 3600,
+                          max_upload_bytes=settings.server.max_message_bytes)
+        host = settings.console_host or settings.server.host
+        server = ConsoleServer(console, host, settings.console_port or 0,
+                               tls_cert_file=settings.server.tls_cert_file,
+                               tls_key_file=settings.server.tls_key_file)
+        await server.start()
+        self.console = server
+        log.info("web console on %s (sign in with the API token)", server.url)
 
     async def stop(self) -> None:
+        if self.console is not None:  # first: its event streams and requests use the engine
+            await self.console.stop()
+            self.console = None
         await self.engine.stop()
         await self.channels.close()
         self.store.close()

@@ -45,6 +45,7 @@ class Stack:
     home: str
     token_file: str
     processes: list[StackProcess] = field(default_factory=list)
+    console: str = ""  # the gateway's web console URL ("" = none)
 
     @property
     def gateway(self) -> str:
@@ -60,6 +61,7 @@ class Stack:
             home=data["home"],
             token_file=data["token_file"],
             processes=[StackProcess(**p) for p in data["processes"]],
+            console=data.get("console", ""),
         )
 
 
@@ -88,11 +90,15 @@ def model_service_config(home: Path, service: str) -> Path | None:
     return config
 
 
-def gateway_config(home: Path, endpoints: dict[str, str]) -> Path:
-    """The stack's gateway settings: the services' endpoints, and audio by reference to its blobs."""
+def gateway_config(home: Path, endpoints: dict[str, str], console_port: int | None = None) -> Path:
+    """The stack's gateway settings: the services' endpoints, audio by reference to its blobs, and the
+    web console's port (None: no console)."""
     config = home / "stack" / "gateway.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"services": endpoints, "audio_transport": "uri", "blob_root": str(default_blob_root(home))}
+    settings: dict = {"services": endpoints, "audio_transport": "uri",
+                      "blob_root": str(default_blob_root(home))}
+    if console_port is not None:
+        settings["console_port"] = console_port
     config.write_text(yaml.safe_dump(settings))
     return config
 
@@ -135,7 +141,8 @@ def _spawn(
 
 
 def start_stack(
-    home: Path, *, gateway_port: int | None = None, timeout: float = 300.0, say=print
+    home: Path, *, gateway_port: int | None = None, timeout: float = 300.0, say=print,
+    console_port: int | None = None,
 ) -> tuple[Stack, list[subprocess.Popen]]:
     """Start every built service and the gateway; return once all report SERVING."""
     from dramaturg.shared.tokens import ensure_token_file
@@ -166,7 +173,11 @@ def start_stack(
             say(f"waiting for {p.service} on 127.0.0.1:{p.port} …")
             if not wait_for_serving(f"127.0.0.1:{p.port}", timeout=timeout):
                 raise RuntimeError(f"{p.service} did not become SERVING in {timeout:.0f}s; see {p.log}")
-        config = gateway_config(home, endpoints)
+        if console_port == 0:
+            console_port = free_port()
+        config = gateway_config(home, endpoints, console_port)
+        if console_port is not None:
+            stack.console = f"http://127.0.0.1:{console_port}/"
         port, mport = gateway_port or free_port(), free_port()
         proc, log_path = _spawn("gateway", port, mport, config, logs, env)
         procs.append(proc)
@@ -219,12 +230,16 @@ def describe(stack: Stack) -> str:
             f"{p.service:<12} 127.0.0.1:{p.port:<8} http://127.0.0.1:{p.metrics_port}/metrics  {p.log}"
         )
     lines.append(f"API token: {stack.token_file} (export DRAMATURG_API_TOKEN=$(cat {stack.token_file}))")
+    if stack.console:
+        lines.append(f"web console: {stack.console} (sign in with the API token)")
     return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the gateway and every built service locally (embedded default)")
     p.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
+    p.add_argument("--console-port", type=int, default=8080,
+                   help="the gateway's web console (0 = any free port, -1 = no console)")
     p.add_argument("--detach", action="store_true", help="return once everything is SERVING")
     p.set_defaults(func=run_up)
     d = sub.add_parser("down", help="stop a stack started with `dramaturg up --detach`")
@@ -236,7 +251,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     home = dramaturg_home()
-    stack, procs = start_stack(home, gateway_port=args.port or None)
+    console_port = None if args.console_port < 0 else args.console_port
+    stack, procs = start_stack(home, gateway_port=args.port or None, console_port=console_port)
     print(describe(stack))
     if args.detach:
         return 0
