@@ -11,7 +11,11 @@ job store), enrolls the cast, then measures, on the demo's generated scenes:
   Evaluate on the line's audio (longer lines scored in 5-s pieces), transcripts and scores side by
   side with four requests of each in flight — wall time per scene, ``--repeat`` times;
 * **one job**: the same scene as one ``analyze_scene`` job (submit → WatchJob to the end), as often;
-  the gateway's share is ``(job − direct) / job``;
+  the gateway's share is ``(job − direct) / job``. On a small machine that difference drowns in
+  the noise of the services' own times (two cores shared by six processes), so the bench also counts
+  **CPU seconds** per process (``psutil``) over the one-job runs: the gateway's CPU seconds over the
+  whole stack's are its share of the work, a figure the machine's size does not move much, and the
+  services' CPU seconds per scene directly and through the gateway show it adds no work for them;
 * **load**: ``--jobs`` jobs submitted at once (a thread each): how many were accepted and how many
   refused at submit (RESOURCE_EXHAUSTED, with their retry delay), that every accepted one finished,
   jobs per minute, p50 / p95 job latency, and the gateway's resident memory before and after.
@@ -121,6 +125,21 @@ def run_job(gateway: str, token: str, content: bytes, params: dict[str, Any]) ->
         return gateway_pb2.JobState.Name(final.state), time.perf_counter() - began, final.error
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """user + system CPU seconds so far of each process (its threads included)."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        times = psutil.Process(pid).cpu_times()
+        out[name] = times.user + times.system
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], runs: int) -> dict[str, float]:
+    return {name: round((after[name] - before[name]) / runs, 3) for name in before}
+
+
 def rss_mib(pid: int) -> float:
     import psutil
 
@@ -136,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a few jobs: a smoke run, not a measurement")
+    parser.add_argument("--skip-load", action="store_true", help="only the share (no concurrent jobs)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     jobs, repeat = (4, 1) if args.quick else (args.jobs, args.repeat)
@@ -162,12 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                                             char_profile=first.get("profile", "a character"),
                                             char_style=first.get("style", "not described"))
         run_job(stack.gateway, token, content, params)  # warm-up: every service's first request
+        pids = {p.service: p.pid for p in stack.processes}
+        start = cpu_seconds(pids)
         direct = [direct_scene(targets, content, context) for _ in range(repeat)]
+        middle = cpu_seconds(pids)
         through = [run_job(stack.gateway, token, content, params)[1] for _ in range(repeat)]
-        gateway_pid = next(p.pid for p in stack.processes if p.service == "gateway")
+        end = cpu_seconds(pids)
+        cpu_direct, cpu_through = cpu_delta(start, middle, repeat), cpu_delta(middle, end, repeat)
+        gateway_pid = pids["gateway"]
         rss_before = rss_mib(gateway_pid)
         began = time.perf_counter()
-        with ThreadPoolExecutor(jobs) as pool:
+        if args.skip_load:
+            jobs = 0
+        with ThreadPoolExecutor(max(jobs, 1)) as pool:
             outcomes = list(pool.map(lambda _: run_job(stack.gateway, token, content, params), range(jobs)))
         wall = time.perf_counter() - began
         rss_after = rss_mib(gateway_pid)
@@ -177,10 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     refused = [o for o in outcomes if o[0].startswith("refused")]
     latencies = [o[1] for o in finished]
     share = (statistics.fmean(through) - statistics.fmean(direct)) / statistics.fmean(through)
+    services_direct = sum(v for k, v in cpu_direct.items() if k != "gateway")
+    services_through = sum(v for k, v in cpu_through.items() if k != "gateway")
+    cpu_share = cpu_through["gateway"] / (services_through + cpu_through["gateway"])
     result = {
         "bench": "gateway_load", "quick": args.quick, "scene": uri, "scene_seconds": round(seconds, 2),
         "direct_seconds": [round(x, 3) for x in direct], "job_seconds": [round(x, 3) for x in through],
         "gateway_share": round(share, 4),
+        "cpu_seconds_per_scene": {"direct": cpu_direct, "through_gateway": cpu_through,
+                                  "services_direct": round(services_direct, 3),
+                                  "services_through_gateway": round(services_through, 3),
+                                  "gateway_cpu_share": round(cpu_share, 4)},
         "load": {"jobs": jobs, "succeeded": len(finished), "refused": len(refused),
                  "other": [o for o in outcomes if o[0] != "SUCCEEDED" and not o[0].startswith("refused")],
                  "wall_seconds": round(wall, 1), "jobs_per_minute": round(60 * len(finished) / wall, 2),
@@ -190,14 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"scene {uri} ({seconds:.1f} s): direct {statistics.fmean(direct):.2f} s, one job "
           f"{statistics.fmean(through):.2f} s → gateway share {100 * share:.1f} %")
+    print(f"CPU seconds per scene: services {services_direct:.2f} direct, {services_through:.2f} through "
+          f"the gateway; the gateway {cpu_through['gateway']:.3f} → {100 * cpu_share:.2f} % of the stack's")
     load = result["load"]
-    print(f"{jobs} jobs at once: {load['succeeded']} succeeded, {load['refused']} refused at submit, "
-          f"{len(load['other'])} other; {load['jobs_per_minute']} jobs/min, p50 {load['p50_seconds']} s, "
-          f"p95 {load['p95_seconds']} s; gateway RSS {rss_before:.0f} → {rss_after:.0f} MiB")
-    out = Path(args.out or f"bench/results/gateway_load{'_quick' if args.quick else ''}.json")
+    if jobs:
+        print(f"{jobs} jobs at once: {load['succeeded']} succeeded, {load['refused']} refused at submit, "
+              f"{len(load['other'])} other; {load['jobs_per_minute']} jobs/min, p50 {load['p50_seconds']} s, "
+              f"p95 {load['p95_seconds']} s; gateway RSS {rss_before:.0f} → {rss_after:.0f} MiB")
+    else:
+        del result["load"]
+    suffix = "_quick" if args.quick else "_share" if args.skip_load else ""
+    out = Path(args.out or f"bench/results/gateway_load{suffix}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {out}")
-    return 0 if not load["other"] else 1
+    return 0 if not load.get("other") else 1
 
 
 if __name__ == "__main__":

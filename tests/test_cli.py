@@ -27,10 +27,18 @@ def run_cli(*args: str, home: Path, check: bool = True, timeout: float = 300) ->
 def test_up_submit_watch_down(dramaturg_home: Path, tmp_path: Path) -> None:
     wav = tmp_path / "scene.wav"
     wav.write_bytes(tone_wav(seconds=2.0))
-    run_cli("up", "--detach", "--port", "0", home=dramaturg_home)
+    run_cli("up", "--detach", "--port", "0", "--console-port", "0", home=dramaturg_home)
     try:
         stack = Stack.load(stack_file(dramaturg_home))
         assert "gateway" in [p.service for p in stack.processes]
+        # the web console is up beside the gateway, behind the token
+        import urllib.error
+        import urllib.request
+
+        assert stack.console.startswith("http://127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(stack.console + "api/jobs", timeout=10)
+        assert refused.value.code == 401
         token_file = Path(stack.token_file)
         assert token_file.stat().st_mode & 0o777 == 0o600
         submitted = run_cli("job", "submit", str(wav), "--pipeline", "probe", "--watch", home=dramaturg_home)
