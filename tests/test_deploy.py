@@ -271,7 +271,10 @@ def test_workloads_follow_the_serving_conventions(overlay: str) -> None:
         drain = settings.server.drain_notice_seconds + settings.server.drain_grace_seconds
         assert pod["terminationGracePeriodSeconds"] > drain, f"{where}: grace period ≤ drain ({drain} s)"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": settings.server.port, "metrics": settings.server.metrics_port}, where
+        expected = {"grpc": settings.server.port, "metrics": settings.server.metrics_port}
+        if name == "gateway":  # its web console, behind the API token
+            expected["console"] = settings.console_port
+        assert ports == expected, where
         assert settings.server.host == "0.0.0.0", where
         assert container["args"][:2] == ["serve", name], where
         # gRPC probes on the service's health name; a startup probe long enough for a model load
@@ -296,7 +299,7 @@ def test_workloads_follow_the_serving_conventions(overlay: str) -> None:
         check_references(where, pod, configmaps, claims)
         # a Service with named ports selects exactly this Deployment's pods
         service = services[name]
-        assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}, where
+        assert {p["name"] for p in service["spec"]["ports"]} == set(expected), where
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items(), where
         assert service["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dramaturg", where
