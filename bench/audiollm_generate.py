@@ -20,12 +20,9 @@ its end token that soon, so every run decodes them all):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import serve, write_result
 
 TOKENS = 64
 SECONDS = 10.0
@@ -75,20 +74,6 @@ def in_process(folder: Path, repeat: int) -> dict[str, Any]:
             "tokens_per_s": round(TOKENS / wall, 2), "runs": repeat}
 
 
-def serve(home: Path, port: int, config: Path) -> subprocess.Popen:
-    from dramaturg.shared.grpc.client import wait_for_serving
-
-    env = {**os.environ, "DRAMATURG_HOME": str(home)}
-    cmd = [sys.executable, "-m", "dramaturg.shared.cli.main", "serve", "audiollm", "--port", str(port),
-           "--metrics-port", "0", "--config", str(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    if not wait_for_serving(f"127.0.0.1:{port}", timeout=180):
-        proc.kill()
-        raise RuntimeError("the audiollm service did not start")
-    return proc
-
-
 def through_service(home: Path, repeat: int, batching: bool, clients: int) -> dict[str, Any]:
     import grpc
     from dramaturg.audiollm.v1 import audiollm_pb2, audiollm_pb2_grpc
@@ -98,9 +83,9 @@ def through_service(home: Path, repeat: int, batching: bool, clients: int) -> di
 
     config = home / f"audiollm-{batching}.yaml"
     config.write_text(f"batching: {str(batching).lower()}\nmax_batch_items: 8\nmax_wait_ms: 10\n"
-                      "max_waiting: 32\n")
+                      "max_queue: 32\n")
     port = free_port()
-    proc = serve(home, port, config)
+    proc = serve("audiollm", home, port, config)
     try:
         target = f"127.0.0.1:{port}"
         request = audiollm_pb2.GenerateRequest(
@@ -180,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"service, batching off: {plain}")
     print(f"service, batching on:  {batched}")
     print(f"ratios: {result['ratios']}")
-    out = Path(args.out or Path(__file__).parent / "results"
-               / f"audiollm_generate{'_quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {out}")
+    write_result(result, args.out or f"audiollm_generate{'_quick' if args.quick else ''}.json")
     return 0
 
 

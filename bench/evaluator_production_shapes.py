@@ -22,12 +22,11 @@ Measured, one item at a time, on the same synthetic 3-4 s utterances as ``evalua
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
+from bench.common import write_result
 from bench.evaluator_items import Item, summary
 
 PRODUCTION_AUDIO = {"encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
@@ -149,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p95 {row['p95_ms']:8.1f} ms  peak {row['peak_gib']:6.2f} GiB")
     print(f"{parameters / 1e9:.2f} B parameters, weights {weights / 2**30:.2f} GiB; one pass / per dimension "
           f"{ratio:.2f}×; {group} batched / one pass {result['batched_over_one_pass']:.2f}×")
-    out = Path(args.out or Path(__file__).parent / "results" /
-               f"evaluator_production_shapes{'_quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {out}")
+    write_result(result, args.out or f"evaluator_production_shapes{'_quick' if args.quick else ''}.json")
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,8 @@ from typing import Any
 import grpc
 import numpy as np
 import soundfile as sf
+
+from bench.common import write_result
 
 RATE = 16_000
 MIN_SEGMENT_SECONDS = 0.5
@@ -234,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         del result["load"]
     suffix = "_quick" if args.quick else "_share" if args.skip_load else ""
-    out = Path(args.out or f"bench/results/gateway_load{suffix}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {out}")
+    write_result(result, args.out or f"gateway_load{suffix}.json")
     return 0 if not load.get("other") else 1
 
 

@@ -22,17 +22,16 @@ decoder over 32 codebooks, the full Mimi codec) with random weights — in proce
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from bench.common import serve, write_result
 
 TEXT = "The storm broke over the harbour, and every lantern on the quay went out at once."
 FRAMES = 125  # 10 s at 12.5 frames a second
@@ -119,20 +118,6 @@ def in_process(model: Any, processor: Any, repeat: int, device: str) -> dict[str
             "first_over_whole": round(f / w, 4), "runs": repeat}
 
 
-def serve(home: Path, port: int) -> subprocess.Popen:
-    from dramaturg.shared.grpc.client import wait_for_serving
-
-    env = {**os.environ, "DRAMATURG_HOME": str(home)}
-    cmd = [sys.executable, "-m", "dramaturg.shared.cli.main", "serve", "tts", "--port", str(port),
-           "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    if not wait_for_serving(f"127.0.0.1:{port}", timeout=180):
-        proc.kill()
-        raise RuntimeError("the tts service did not start")
-    return proc
-
-
 def through_service(repeat: int, clients: tuple[int, ...]) -> dict[str, Any]:
     import grpc
     from dramaturg.services.tts.model import write_tiny_model
@@ -148,7 +133,7 @@ def through_service(repeat: int, clients: tuple[int, ...]) -> dict[str, Any]:
             write_tiny_model(Path(staging), home, seed=0)
         store.set_default("tts", "tiny")
         port = free_port()
-        proc = serve(home, port)
+        proc = serve("tts", home, port)
         try:
             target = f"127.0.0.1:{port}"
             config = tts_pb2.SynthesisConfig(seed=SEED, max_new_tokens=FRAMES)
@@ -230,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in result.get("service", {}).items():
         print(f"  service {name}: {row}")
     suffix = ("" if args.shapes == "tiny" else f"_{args.shapes}") + ("_quick" if args.quick else "")
-    out = Path(args.out or Path(__file__).parent / "results" / f"tts_synthesis{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {out}")
+    write_result(result, args.out or f"tts_synthesis{suffix}.json")
     return 0
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from dramaturg.common.v1 import common_pb2, common_pb2_grpc
+from dramaturg.shared import metrics
 from dramaturg.shared.audio import Audio, AudioLimits, decode_audio_input
+from dramaturg.shared.batching import DynamicBatcher
 from dramaturg.shared.blobs import default_blob_root
 from dramaturg.shared.config import ServiceSettings, dramaturg_home
 from dramaturg.shared.grpc.errors import ServiceError, failed_precondition
@@ -56,6 +58,27 @@ class ModelServiceSettings(ServiceSettings):
         """What an RPC accepts as audio, from these settings (``extra``: e.g. ``reject_silence``)."""
         return AudioLimits(max_seconds=self.max_seconds, min_seconds=self.min_seconds,
                            allowed_uri_roots=self.audio_uri_roots, **extra)
+
+
+class BatchedModelServiceSettings(ModelServiceSettings):
+    """Settings of a model service that batches concurrent requests (``shared/batching.py``)."""
+
+    # Unset: on for a CUDA device, where a padded batch costs about one request, off on CPU.
+    batching: bool | None = None
+    max_batch_items: int = Field(8, ge=1)  # requests per batch
+    max_wait_ms: float = Field(5.0, ge=0)  # how long the first request waits for others
+    max_queue: int = Field(64, ge=1)  # requests waiting for a batch; more are RESOURCE_EXHAUSTED
+
+    def batcher(self, process: Callable[[list[Any]], Any], *, device: str, service: str, queue: str,
+                name: str, executor: Any = None) -> DynamicBatcher | None:
+        """The model's batcher, or None when batching is off for ``device``. ``executor``: the service's
+        model thread, so batches run where every other model call runs."""
+        batching = self.batching if self.batching is not None else str(device).startswith("cuda")
+        if not batching:
+            return None
+        return DynamicBatcher(process, max_batch_size=self.max_batch_items, max_wait_ms=self.max_wait_ms,
+                              max_queue=self.max_queue, executor=executor, name=name,
+                              **metrics.batcher_hooks(service, queue, self.max_queue))
 
 
 def pick_device(setting: str) -> str:

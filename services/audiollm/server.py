@@ -122,20 +122,9 @@ class LoadedAudioLlm:
             [processor.audio_token, processor.audio_placeholder, "<Speech>", "</Speech>"],
             settings.max_prompt_chars,
         )
-        self.batcher: DynamicBatcher[Job, Result] | None = None
-        batching = settings.batching
-        if batching is None:  # unset: batch on a GPU, where a padded batch decodes at about one's pace
-            batching = str(device).startswith("cuda")
-        if batching:
-            self.batcher = DynamicBatcher(
-                self.generate_many,
-                max_batch_size=settings.max_batch_items,
-                max_wait_ms=settings.max_wait_ms,
-                max_queue=max(1, settings.max_waiting),
-                executor=executor,  # the service's model thread, as every other model call
-                name=f"audiollm:{record.ref}",
-                **metrics.batcher_hooks(SERVICE, "generate-batch", max(1, settings.max_waiting)),
-            )
+        self.batcher: DynamicBatcher[Job, Result] | None = settings.batcher(
+            self.generate_many, device=device, service=SERVICE, queue="generate-batch",
+            name=f"audiollm:{record.ref}", executor=executor)
 
     async def close(self) -> None:
         if self.batcher is not None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dramaturg.shared.model_service import ModelServiceSettings
+from dramaturg.shared.model_service import BatchedModelServiceSettings
 from pydantic import Field, model_validator
 
 
-class EvaluatorSettings(ModelServiceSettings):
+class EvaluatorSettings(BatchedModelServiceSettings):
     # Audio per request (after `span`). The model reads one encoder window (30 s in production, 5 s for
     # the tiny model) and never truncates silently: longer audio is refused whatever max_seconds says.
     min_seconds: float = Field(0.1, ge=0)
@@ -21,15 +21,12 @@ class EvaluatorSettings(ModelServiceSettings):
     batch_size: int = Field(0, ge=0)
     # Requests waiting for the model beyond the one running; more are RESOURCE_EXHAUSTED.
     max_waiting: int = Field(8, ge=0)
-    # Dynamic batching (shared/batching.py) of concurrent Evaluate requests: their clips in one encoder
-    # pass and all their prompts in one language-model batch. Off: one request at a time, cancellable
-    # between the encoder and the language model. Unset: on for a CUDA device, off on CPU — measured
-    # (README, evaluator bench): eight 7 B-shaped requests batched on an H200 score 1.73× the items of
-    # one at a time, while on 2 CPU cores the tiny model loses about 6 % to the batcher's wait.
-    batching: bool | None = None
-    max_batch_items: int = Field(8, ge=1)  # requests (clips) per batch
-    max_wait_ms: float = Field(5.0, ge=0)  # how long the first request waits for others
-    max_queue: int = Field(64, ge=1)  # requests waiting for a batch; more are RESOURCE_EXHAUSTED
+    # Dynamic batching (batching, max_batch_items, max_wait_ms, max_queue: BatchedModelServiceSettings)
+    # of concurrent Evaluate requests: their clips in one encoder pass and all their prompts in one
+    # language-model batch. Off: one request at a time, cancellable between the encoder and the
+    # language model. Unset: on for a CUDA device, off on CPU — measured (README, evaluator bench):
+    # eight 7 B-shaped requests batched on an H200 score 1.73× the items of one at a time, while on 2
+    # CPU cores the tiny model loses about 6 % to the batcher's wait.
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluatorSettings:

@@ -103,19 +103,9 @@ class LoadedEvaluator:
         self.window_seconds = 2 * int(audio_config.max_source_positions) * 160 / SAMPLE_RATE
         self.batch_size = settings.batch_size if settings is not None else 0
         self.batcher: DynamicBatcher[Job, Scores] | None = None
-        batching = settings.batching if settings is not None else False
-        if batching is None:  # unset: batch on a GPU, where one padded batch costs about one request
-            batching = str(device).startswith("cuda")
-        if batching:
-            self.batcher = DynamicBatcher(
-                self.score_many,
-                max_batch_size=settings.max_batch_items,
-                max_wait_ms=settings.max_wait_ms,
-                max_queue=settings.max_queue,
-                executor=executor,  # the service's model thread, as every other model call
-                name=f"evaluator:{record.ref}",
-                **metrics.batcher_hooks(SERVICE, "evaluate", settings.max_queue),
-            )
+        if settings is not None:
+            self.batcher = settings.batcher(self.score_many, device=device, service=SERVICE, queue="evaluate",
+                                            name=f"evaluator:{record.ref}", executor=executor)
 
     def score_many(self, jobs: list[Job]) -> list[Scores]:
         """Several requests in one pass: their clips through the encoder together, then all their
