@@ -291,3 +291,69 @@ def test_two_gloo_processes_train_one_run_under_torchrun(corpus: Path, tmp_path:
     published = store.resolve(SERVICE, record.published_model)
     model, _ = load_audiollm(Path(published.path))
     assert model is not None
+
+
+def test_lora_r_0_with_unfreeze_trains_whisper_and_the_llm_in_full(corpus: Path, tmp_path: Path) -> None:
+    """A tiny model from scratch has no pretrained Whisper or LLM to keep: ``lora_r: 0`` and
+    ``unfreeze`` train them in full; checkpoints are whole models; the published one is re-frozen."""
+    overrides = {
+        **STAGE1,
+        "max_steps": 6,
+        "eval_every": 3,
+        "lora_r": 0,
+        "unfreeze": ["whisper", "language_model"],
+    }
+    ctx = inline_context(tmp_path, "stage1", corpus, overrides, run_id="full", output_model="full")
+    RECIPES["stage1"].run(ctx)
+    ctx.close()
+    for checkpoint in ctx.checkpoints():
+        assert not (checkpoint.path / "adapter_config.json").exists()
+        load_audiollm(checkpoint.path)  # a whole model folder
+    published = ModelStore(tmp_path).resolve(SERVICE, "full")
+    assert published.metrics["merge/max_abs_diff"] == 0.0
+    model, _ = load_audiollm(published.path)
+    base, _ = load_audiollm(ctx.run_dir / BASE_DIR)
+    after, before = dict(model.state_dict()), dict(base.state_dict())
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert {"whisper", "language_model", "speech_qformer", "speech_projection"} <= changed
+    assert not any(p.requires_grad for p in model.whisper.parameters())
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("parts", "lora", "message"),
+    [
+        (["decoder"], False, "not one of"),
+        (["language_model"], True, "lora_r: 0"),
+    ],
+)
+def test_unfreeze_refuses_what_it_cannot_train(parts: list[str], lora: bool, message: str) -> None:
+    from dramaturg.services.audiollm.model import build_tiny_audiollm, unfreeze
+
+    model, _ = build_tiny_audiollm(seed=0)
+    with pytest.raises(ValueError, match=message):
+        unfreeze(model, parts, lora=lora)
+    without_beats, _ = build_tiny_audiollm(seed=0, use_beats=False)
+    with pytest.raises(ValueError, match="no beats"):
+        unfreeze(without_beats, ["beats"], lora=False)
+
+
+def test_a_model_section_changes_only_the_fields_it_names() -> None:
+    """``model: {text_config: {hidden_size: 96}}`` widens the tiny LLM and keeps the tiny rest (not
+    transformers' own defaults); the Q-Former reads the encoder's new width."""
+    from dramaturg.services.audiollm.model import build_tiny_audiollm
+
+    tiny, _ = build_tiny_audiollm(seed=0, use_beats=False)
+    wider, _ = build_tiny_audiollm(
+        seed=0,
+        use_beats=False,
+        text_config={"hidden_size": 96},
+        whisper_config={"d_model": 48},
+        qformer_config={"hidden_size": 80},
+    )
+    assert wider.config.text_config.hidden_size == 96
+    assert wider.config.text_config.num_hidden_layers == tiny.config.text_config.num_hidden_layers
+    assert wider.config.whisper_config.d_model == 48
+    assert wider.config.whisper_config.max_source_positions == tiny.config.whisper_config.max_source_positions
+    assert wider.config.qformer_config.hidden_size == 80
+    assert wider.config.qformer_config.encoder_hidden_size == 48

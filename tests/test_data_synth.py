@@ -177,9 +177,14 @@ def test_tts_and_audiollm(corpus):
     ann = json.loads((out / "audiollm" / "annotation.json").read_text())["annotation"]
     assert {a["task"] for a in ann} == {"asr", "audiocaption_v2"}
     assert len({a["testset_id"] for a in ann}) == len(ann)
+    manifest = json.loads((out / "manifest.json").read_text())
+    heldout = {x["speaker_id"] for x in manifest["speakers"] if x["heldout"]}
     for a in ann:
         assert not Path(a["path"]).is_absolute() and (out / "audiollm" / a["path"]).is_file()
         assert a["text"]
+        assert a["heldout"] == (a["speaker"] in heldout)
+    # Dev/test scenes may cast held-out voices (dev lands in the train file), so a check filters by the flag.
+    assert heldout and {a["speaker"] for a in ann if a["split"] == "train" and a["heldout"]} <= heldout
     caps = [a["text"] for a in ann if a["task"] == "audiocaption_v2"]
     assert all(re.match(r"^An? .* with an? .* accent speaks ", c) for c in caps)
 

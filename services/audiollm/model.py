@@ -50,7 +50,7 @@ Traps handled here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,8 @@ MODEL_TYPE = "dramaturg-audiollm"
 LORA_TARGET_MODULES = r"language_model\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
 # What training updates besides LoRA (peft ``modules_to_save``: saved with the adapter).
 TRAINABLE_MODULES: tuple[str, ...] = ("speech_qformer", "speech_projection")
+# What a recipe's ``unfreeze`` may train in full besides (attribute names; ``freeze_<name>`` switches).
+UNFREEZABLE: tuple[str, ...] = ("whisper", "beats", "language_model")
 WINDOW_FRAMES = 17  # round(1500 × 0.333333 / 30): SALMONN's second_per_window at 50 frames a second
 
 
@@ -581,14 +583,25 @@ def build_tiny_audiollm(
     """A random tiny audio LLM and its processor; the same weights for the same seed.
 
     ``config_overrides`` go to :class:`AudioLlmConfig` (e.g. ``num_queries=2``, ``use_beats=False``).
+    A plain mapping for ``whisper_config``, ``text_config`` or ``qformer_config`` (a recipe's
+    ``model:`` section, e.g. ``{text_config: {hidden_size: 128}}``) changes those fields of the tiny
+    sub-config and keeps the rest (a bare ``WhisperConfig(**fields)`` would fall back to whisper's own
+    defaults: 30-s windows); the Q-Former's ``encoder_hidden_size`` follows the encoders' widths.
     The RNG is forked, so building does not move the caller's global torch seed.
     """
     tokenizer = build_tokenizer()
-    fields: dict[str, Any] = {
-        "text_config": tiny_llama_config(tokenizer),
-        "audio_token_id": tokenizer.audio_token_id,
-    }
+    fields: dict[str, Any] = {"audio_token_id": tokenizer.audio_token_id}
     fields.update(config_overrides)
+    for key, tiny in (("whisper_config", tiny_whisper_config), ("text_config", tiny_llama_config)):
+        value = fields.get(key)
+        if value is None or isinstance(value, Mapping):
+            args = (tokenizer,) if key == "text_config" else ()
+            fields[key] = tiny(*args, **dict(value or {}))
+    if isinstance(fields.get("qformer_config"), Mapping):
+        qformer = dict(fields["qformer_config"])
+        width = AudioLlmConfig(**{**fields, "qformer_config": None}).encoder_hidden_size
+        encoder_width = int(qformer.pop("encoder_hidden_size", width))
+        fields["qformer_config"] = tiny_qformer_config(encoder_width, **qformer)
     config = AudioLlmConfig(**fields)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -693,8 +706,10 @@ def lora_config(
     rank: int = PRODUCTION_PRESET.lora_rank,
     alpha: int = PRODUCTION_PRESET.lora_alpha,
     dropout: float = PRODUCTION_PRESET.lora_dropout,
+    also_train: Sequence[str] = (),
 ) -> Any:
-    """peft ``LoraConfig``: the LLM's q/k/v/o projections, with the Q-Former and projection trained too."""
+    """peft ``LoraConfig``: the LLM's q/k/v/o projections, with the Q-Former and projection trained too
+    (and the encoders in ``also_train``, as whole modules)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -702,7 +717,7 @@ def lora_config(
         lora_alpha=int(alpha),
         lora_dropout=float(dropout),
         target_modules=LORA_TARGET_MODULES,
-        modules_to_save=list(TRAINABLE_MODULES),
+        modules_to_save=[*TRAINABLE_MODULES, *also_train],
     )
 
 
@@ -711,6 +726,36 @@ def apply_lora(model: AudioLlmForConditionalGeneration, **lora_kwargs: Any) -> A
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(**lora_kwargs))
+
+
+def unfreeze(model: AudioLlmForConditionalGeneration, parts: Sequence[str], *, lora: bool) -> list[str]:
+    """Train ``parts`` (of :data:`UNFREEZABLE`) in full: their ``freeze_*`` switch off, then applied.
+
+    With LoRA the LLM cannot also train in full (the adapter would sit on weights that move under
+    it); the encoders can (peft trains them as ``modules_to_save``). Returns the parts, checked.
+    """
+    parts = list(dict.fromkeys(str(p) for p in parts))
+    for part in parts:
+        if part not in UNFREEZABLE:
+            raise ValueError(f"unfreeze: {part!r} is not one of {', '.join(UNFREEZABLE)}")
+        if part == "language_model" and lora:
+            raise ValueError(
+                "unfreeze: language_model trains the LLM in full; set lora_r: 0 (no LoRA) for that"
+            )
+        if getattr(model, part) is None:
+            raise ValueError(f"unfreeze: this model has no {part} (use_{part.split('_')[0]} is false)")
+        setattr(model.config, f"freeze_{part}", False)
+    model.apply_freezing()
+    model.train(model.training)
+    return parts
+
+
+def refreeze(model: AudioLlmForConditionalGeneration) -> None:
+    """Every ``freeze_*`` switch back on (SALMONN's default), as a published model is saved: the next
+    stage decides for itself what it trains."""
+    for part in UNFREEZABLE:
+        setattr(model.config, f"freeze_{part}", True)
+    model.apply_freezing()
 
 
 def parameter_count(model: nn.Module, prefixes: Mapping[str, str] | None = None) -> dict[str, int]:

@@ -5,7 +5,9 @@ corpus's ``audiollm/annotation_{train,test}.json``: ``path`` / ``task`` / ``text
 
 * ``stage1`` — speech / audio pre-training: ASR and audio captioning (``asr``, ``audiocaption_v2``)
   with SALMONN's fixed task prompts; trains the window-level Q-Former, the projection and LoRA on the
-  LLM's attention, nothing else (Whisper, BEATs and the LLM's own weights stay frozen);
+  LLM's attention, nothing else (Whisper, BEATs and the LLM's own weights stay frozen) — unless
+  ``unfreeze`` names parts to train in full (a from-scratch tiny model has no pretrained Whisper or
+  LLM to keep: its learning check trains them, ``lora_r: 0``);
 * ``stage2`` — instruction tuning: the same trainable parts from a stage-1 model (``base_model``),
   every task in the data, each item's instruction drawn from several phrasings (``prompts: varied``)
   so the model follows the instruction rather than one fixed string; a lower learning rate;
@@ -53,7 +55,11 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "max_steps": 200,
     "batch_size": 8,
     "gradient_accumulation": 1,
-    # --- LoRA on the LLM's q/k/v/o projections (SALMONN: r 8, alpha 32, dropout 0.1)
+    # --- what trains. The Q-Former and the projection always; LoRA on the LLM's q/k/v/o projections
+    # (SALMONN: r 8, alpha 32, dropout 0.1), or with lora_r 0 no adapter at all. `unfreeze` trains parts
+    # in full besides: whisper / beats (with LoRA too) and language_model (only with lora_r 0: a tiny
+    # LLM built here from scratch knows no language for LoRA to adapt)
+    "unfreeze": [],
     "lora_r": 8,
     "lora_alpha": 32,
     "lora_dropout": 0.1,

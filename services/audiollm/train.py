@@ -35,7 +35,14 @@ from dramaturg.shared.training.selection import Monitor, best_checkpoint
 from transformers import Trainer, TrainingArguments
 
 from .data import AudioItem, AudioItems, SalmonnCollator, annotation_file, load_annotation, task_counts
-from .model import AudioLlmForConditionalGeneration, build_tiny_audiollm, load_audiollm, save_audiollm
+from .model import (
+    AudioLlmForConditionalGeneration,
+    build_tiny_audiollm,
+    load_audiollm,
+    refreeze,
+    save_audiollm,
+    unfreeze,
+)
 from .recipes import ARCHITECTURE, PROMPTS, SCHEDULES
 
 HELDOUT = Monitor("loss/val", "min")
@@ -189,11 +196,15 @@ def run_stage(ctx: RunContext) -> None:
         folder, base_ref = base_folder(ctx, cfg)
     model, processor = load_audiollm(folder)
     ctx.log(f"base model: {base_ref}")
-    with torch.random.fork_rng(devices=[]):  # LoRA's initialisation does not move the run's RNG
-        torch.manual_seed(int(cfg["seed"]))
-        model = apply_lora(
-            model, rank=int(cfg["lora_r"]), alpha=int(cfg["lora_alpha"]), dropout=float(cfg["lora_dropout"])
-        )
+    lora = int(cfg["lora_r"]) > 0
+    parts = unfreeze(model, cfg["unfreeze"], lora=lora)
+    if lora:
+        with torch.random.fork_rng(devices=[]):  # LoRA's initialisation does not move the run's RNG
+            torch.manual_seed(int(cfg["seed"]))
+            model = apply_lora(
+                model, rank=int(cfg["lora_r"]), alpha=int(cfg["lora_alpha"]),
+                dropout=float(cfg["lora_dropout"]), also_train=parts,
+            )
     batch_size = max(1, min(int(cfg["batch_size"]), len(train_items)))
     scratch = ctx.run_dir / "hf-trainer"
     args = training_arguments(cfg, scratch, batch_size)
@@ -209,7 +220,7 @@ def run_stage(ctx: RunContext) -> None:
         monitor=HELDOUT,
         evaluate=evaluate if held_items else None,
         eval_every=int(cfg["eval_every"]),
-        write_artifact=adapter_writer(model, base_ref, cfg),
+        write_artifact=adapter_writer(model, base_ref, cfg) if lora else full_writer(model, processor),
         best=HELDOUT.best_of(previous),
     )
     trainer = attach(
@@ -223,7 +234,8 @@ def run_stage(ctx: RunContext) -> None:
     )
     trainable, total = count_parameters(model)
     ctx.log(
-        f"{ctx.record.recipe}: {trainable:,} of {total:,} parameters trained (Q-Former, projection, LoRA), "
+        f"{ctx.record.recipe}: {trainable:,} of {total:,} parameters trained "
+        f"({', '.join(['Q-Former', 'projection', *(['LoRA'] if lora else []), *parts])}), "
         f"{int(cfg['max_steps'])} steps of {batch_size} × {int(cfg['gradient_accumulation'])} "
         f"on {args.device}" + (f" in each of {distributed.world_size()} processes"
                                if distributed.is_distributed() else "")
@@ -243,7 +255,16 @@ def run_stage(ctx: RunContext) -> None:
     if ctx.cancelled():
         ctx.log("stopped before the end; nothing published", "WARNING")
         return
-    publish(ctx, cfg, folder, base_ref, scorer, held_items or train_items[:4])
+    publish(ctx, cfg, folder, base_ref, scorer, held_items or train_items[:4], lora=lora)
+
+
+def full_writer(model: AudioLlmForConditionalGeneration, processor: Any) -> Any:
+    """Checkpoints without LoRA: the whole model and its processor (a tiny model's few MB)."""
+
+    def write(folder: Path, metrics: Mapping[str, float]) -> None:
+        save_audiollm(model, processor, folder)
+
+    return write
 
 
 def merge_checkpoint(
@@ -271,6 +292,8 @@ def publish(
     base_ref: str,
     collator: SalmonnCollator,
     probe: Sequence[AudioItem],
+    *,
+    lora: bool = True,
 ) -> None:
     chosen = best_checkpoint(ctx.checkpoints())
     lines = [f"held-out loss of the kept checkpoints (published: {chosen.checkpoint_id})"]
@@ -278,7 +301,12 @@ def publish(
         mark = "  <- published" if c.checkpoint_id == chosen.checkpoint_id else ""
         lines.append(f"  step {c.step}: {c.metrics.get('loss/val', math.nan):.4g}{mark}")
     ctx.log("\n".join(lines))
-    merged, processor, gap = merge_checkpoint(base, chosen.path, collator, probe)
+    if lora:
+        merged, processor, gap = merge_checkpoint(base, chosen.path, collator, probe)
+    else:  # the checkpoint is the whole model: nothing to merge
+        merged, processor = load_audiollm(chosen.path)
+        gap = 0.0
+    refreeze(merged)
     if not gap <= float(cfg["merge_tolerance"]):
         raise ValueError(
             f"the merged model differs from base + adapter by {gap:.3g} (> merge_tolerance "
@@ -296,7 +324,9 @@ def publish(
         },
     )
     ctx.log(
-        f"published {record.ref} (LoRA merged, max |merged - unmerged| logit {gap:.2e}): step "
+        f"published {record.ref} ("
+        + (f"LoRA merged, max |merged - unmerged| logit {gap:.2e}" if lora else "trained in full")
+        + f"): step "
         f"{chosen.step}, held-out loss {chosen.metrics.get('loss/val', math.nan):.4g}"
     )
 

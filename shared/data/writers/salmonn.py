@@ -2,7 +2,9 @@
 
 Every scene turn, cut as a role clip, becomes two items over the same wav: its transcript (``asr``)
 and a caption (``audiocaption_v2``) built from what is known of the speaker and what was measured on
-the clip, so a caption never claims a pace or pitch the audio does not have.
+the clip, so a caption never claims a pace or pitch the audio does not have. Besides SALMONN's fields
+each item names its ``speaker`` and whether that voice is ``heldout`` (never in a training split), so
+an evaluation can score held-out sentences spoken by held-out voices; SALMONN's readers ignore them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def write_salmonn(out: Path, corpus: RenderedCorpus) -> Report:
     """Write ``annotation.json`` (and per-split copies) and the clips under ``out/audiollm``."""
     adir = out / DIR
     annotation: list[dict[str, Any]] = []
+    heldout = corpus.plan.heldout_ids
     for i, clip in enumerate(corpus.clips_of("role")):
         assert clip.measures is not None
         rel = clip.rel_path.replace("wav/role/", "wav/")
@@ -34,6 +37,8 @@ def write_salmonn(out: Path, corpus: RenderedCorpus) -> Report:
                 "task": "asr",
                 "text": clip.line.text,
                 "split": clip.split,
+                "speaker": clip.voice.speaker_id,
+                "heldout": clip.voice.speaker_id in heldout,
             }
         )
         annotation.append(
@@ -43,6 +48,8 @@ def write_salmonn(out: Path, corpus: RenderedCorpus) -> Report:
                 "task": "audiocaption_v2",
                 "text": caption_for(clip.voice, clip.measures, clip.line.emotion),
                 "split": clip.split,
+                "speaker": clip.voice.speaker_id,
+                "heldout": clip.voice.speaker_id in heldout,
             }
         )
     write_json(adir / "annotation.json", {"annotation": annotation})
