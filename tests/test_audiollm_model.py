@@ -418,3 +418,44 @@ def test_production_preset_is_described_not_loaded() -> None:
     assert beats_tokens(30 * RATE) == 1496 and beats_tokens(5 * RATE) == 248
     saved = json.loads(config.to_json_string())
     assert saved["model_type"] == audiollm.MODEL_TYPE and saved["qformer_config"]["hidden_size"] == 768
+
+
+# ------------------------------------------------------------------------------------------ CTC head
+
+
+def test_ctc_targets_spell_transcripts_and_skip_other_items() -> None:
+    rows = audiollm.ctc_targets(["Oh,  no -- Tom!", None, "a"])
+    alphabet = audiollm.CTC_ALPHABET
+    spelled = "".join(alphabet[i - 1] for i in rows[0].tolist() if i != IGNORE_INDEX)
+    assert spelled == "oh no tom"
+    assert (rows[1] == IGNORE_INDEX).all()
+    assert rows[2, 0] == alphabet.index("a") + 1 and (rows[2, 1:] == IGNORE_INDEX).all()
+    assert 0 not in rows  # 0 is the blank, never a target
+
+
+def test_ctc_weight_adds_a_loss_that_trains_whisper_from_its_frames() -> None:
+    """With ``ctc_weight`` the loss is the LM loss + weight × CTC on Whisper's frames; caption rows (all
+    -100) add nothing; without a head, CTC labels are refused; the head round-trips."""
+    model, processor = audiollm.build_tiny_audiollm(seed=0, use_beats=False, ctc_weight=0.5)
+    audiollm.unfreeze(model, ["whisper"], lora=False)
+    clips, texts = [_clip(1.0), _clip(0.8, seed=1)], ["I heard a bell.", "A low hum."]
+    batch = processor(clips, ASR, texts)
+    lm_loss = model(**batch).loss
+    with_ctc = model(**batch, ctc_labels=audiollm.ctc_targets(texts))
+    assert with_ctc.loss > lm_loss
+    frames = model.encode_audio(
+        batch["input_features"], None, batch["audio_lengths"], return_frames=True
+    )[2:]
+    expected = lm_loss + 0.5 * model.ctc_loss(*frames, audiollm.ctc_targets(texts))
+    torch.testing.assert_close(with_ctc.loss, expected)
+    captions_only = model(**batch, ctc_labels=audiollm.ctc_targets([None, None]))
+    torch.testing.assert_close(captions_only.loss, lm_loss)
+    with_ctc.loss.backward()
+    assert model.speech_ctc_head.weight.grad.abs().sum() > 0
+    assert model.whisper.layers[0].fc1.weight.grad.abs().sum() > 0
+    plain, _ = audiollm.build_tiny_audiollm(seed=0, use_beats=False)
+    assert plain.speech_ctc_head is None
+    with pytest.raises(ValueError, match="no CTC head"):
+        plain(**batch, ctc_labels=audiollm.ctc_targets(texts))
+    with pytest.raises(ValueError, match="needs Whisper"):
+        audiollm.AudioLlmConfig(use_whisper=False, ctc_weight=0.5)

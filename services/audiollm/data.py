@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .encoders import SAMPLE_RATE
+from .model import ctc_targets
 from .prompt import TASK_INSTRUCTIONS, AudioLlmProcessor
 
 ANNOTATION_DIR = "audiollm"
@@ -125,10 +126,13 @@ class SalmonnCollator:
     """Items → processor batch with labels; ``prompts: varied`` draws instructions from a seeded stream
     (evaluation: ``rng`` None, the first phrasing, the same every time)."""
 
-    def __init__(self, processor: AudioLlmProcessor, prompts: str, seed: int | None = None) -> None:
+    def __init__(
+        self, processor: AudioLlmProcessor, prompts: str, seed: int | None = None, *, ctc_alphabet: str = ""
+    ) -> None:
         self.processor = processor
         self.prompts = prompts
         self.rng = random.Random(seed) if seed is not None else None
+        self.ctc_alphabet = ctc_alphabet  # non-empty: ASR items' transcripts spelled for a CTC head too
 
     def __call__(self, items: Sequence[AudioItem]) -> dict[str, torch.Tensor]:
         batch = self.processor(
@@ -136,7 +140,11 @@ class SalmonnCollator:
             [instruction_for(it.task, self.prompts, self.rng) for it in items],
             [it.text for it in items],
         )
-        return dict(batch)
+        batch = dict(batch)
+        if self.ctc_alphabet:
+            transcripts = [it.text if it.task == "asr" else None for it in items]
+            batch["ctc_labels"] = ctc_targets(transcripts, self.ctc_alphabet)
+        return batch
 
 
 def task_counts(items: Sequence[AudioItem]) -> Mapping[str, Any]:

@@ -115,6 +115,9 @@ LORA_TARGET_MODULES = r"language_model\.model\.layers\.\d+\.self_attn\.(q|k|v|o)
 TRAINABLE_MODULES: tuple[str, ...] = ("speech_qformer", "speech_projection")
 # What a recipe's ``unfreeze`` may train in full besides (attribute names; ``freeze_<name>`` switches).
 UNFREEZABLE: tuple[str, ...] = ("whisper", "beats", "language_model")
+# What an auxiliary CTC head spells (``AudioLlmConfig.ctc_weight``): a transcript lower-cased, other
+# characters dropped, runs of spaces as one.
+CTC_ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"
 WINDOW_FRAMES = 17  # round(1500 × 0.333333 / 30): SALMONN's second_per_window at 50 frames a second
 
 
@@ -201,6 +204,13 @@ class AudioLlmConfig(PretrainedConfig):
     * ``prompt_template`` / ``audio_placeholder``: SALMONN's prompt (``prompt.py``);
       ``audio_token_id``: the id whose positions get the audio tokens.
     * ``freeze_whisper`` / ``freeze_beats`` / ``freeze_language_model``: SALMONN freezes all three.
+    * ``ctc_weight`` / ``ctc_alphabet``: an auxiliary CTC loss over the characters of an ASR item's
+      transcript, read from Whisper's frames by a linear head (hybrid CTC/attention, Watanabe et al.
+      2017). 0 — SALMONN and the production preset — builds no head. A Whisper built here from
+      scratch has not had Whisper's ASR pre-training; without this loss the Q-Former gives the LLM
+      nothing it can read, and the LLM learns to recite training sentences instead (measured: silent
+      audio scored the same loss as the real clips after 1,500 steps). Blank is id 0, the alphabet's
+      characters 1…N (:func:`ctc_targets`).
     """
 
     model_type = MODEL_TYPE
@@ -225,10 +235,14 @@ class AudioLlmConfig(PretrainedConfig):
     freeze_whisper: bool = True
     freeze_beats: bool = True
     freeze_language_model: bool = True
+    ctc_weight: float = 0.0
+    ctc_alphabet: str = CTC_ALPHABET
 
     def __post_init__(self, **kwargs: Any) -> None:
         if not (self.use_whisper or self.use_beats):
             raise ValueError("at least one of use_whisper / use_beats must be true")
+        if self.ctc_weight < 0 or (self.ctc_weight > 0 and not self.use_whisper):
+            raise ValueError("ctc_weight must be ≥ 0, and a CTC loss needs Whisper (use_whisper: true)")
         if self.whisper_config is None:
             self.whisper_config = tiny_whisper_config()
         if self.beats_config is None:
@@ -311,6 +325,9 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
             stride=config.stride,
         )
         self.speech_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.speech_ctc_head = (
+            nn.Linear(config.speech_width, len(config.ctc_alphabet) + 1) if config.ctc_weight > 0 else None
+        )
         self.language_model = (
             language_model if language_model is not None else LlamaForCausalLM(config.text_config)
         )
@@ -405,8 +422,12 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         input_features: torch.Tensor | None,
         input_values: torch.Tensor | None,
         audio_lengths: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        *,
+        return_frames: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Audio tokens at the LLM's width (B, A, H) and their mask (B, A): what the prompt's audio ids get.
+
+        With ``return_frames`` also Whisper's frames (B, F, D) and their mask (B, F), for a CTC head.
 
         ``input_features``: Whisper log-mels (B, mels, C·2·frames); ``input_values``: the padded
         16 kHz waveform (B, ≥ samples) for BEATs; ``audio_lengths``: samples per clip (B,). Only the
@@ -458,7 +479,10 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         total = chunks * frames_per_chunk
         frame_mask = torch.arange(total, device=lengths.device)[None, :] < valid_frames(lengths)[:, None]
         tokens, token_mask = self.speech_qformer(speech, audio, frame_mask)
-        return self.speech_projection(tokens.to(self.speech_projection.weight.dtype)), token_mask
+        projected = self.speech_projection(tokens.to(self.speech_projection.weight.dtype))
+        if return_frames:
+            return projected, token_mask, speech, frame_mask
+        return projected, token_mask
 
     def embed_inputs(
         self,
@@ -468,13 +492,25 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         audio_lengths: torch.Tensor | None,
     ) -> torch.Tensor:
         """The prompt's token embeddings with the audio tokens written over the audio ids' positions."""
+        return self._embed(input_ids, input_features, input_values, audio_lengths)[0]
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None,
+        input_values: torch.Tensor | None,
+        audio_lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """:meth:`embed_inputs`, and Whisper's frames with their mask (``None`` without audio)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         positions = input_ids == int(self.config.audio_token_id)
         if audio_lengths is None:
             if positions.any():
                 raise ValueError("the prompt has audio tokens but no audio was given")
-            return embeds
-        tokens, token_mask = self.encode_audio(input_features, input_values, audio_lengths)
+            return embeds, None
+        tokens, token_mask, speech, frame_mask = self.encode_audio(
+            input_features, input_values, audio_lengths, return_frames=True
+        )
         expected = token_mask.sum(dim=1)
         found = positions.sum(dim=1)
         if not torch.equal(expected.to(found.device), found):
@@ -483,7 +519,30 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
                 "(was the processor built with this model's config?)"
             )
         source = tokens[token_mask].to(embeds.dtype)
-        return embeds.masked_scatter(positions[..., None].expand_as(embeds), source)
+        return embeds.masked_scatter(positions[..., None].expand_as(embeds), source), (speech, frame_mask)
+
+    def ctc_loss(
+        self, speech: torch.Tensor, frame_mask: torch.Tensor, ctc_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean per-character CTC loss of the rows of ``ctc_labels`` (B, L: alphabet ids, -100 padded)
+        that hold any (a caption item's row is all -100); 0 when none does."""
+        if self.speech_ctc_head is None:
+            raise ValueError("ctc_labels given, but this model has no CTC head (ctc_weight is 0)")
+        ctc_labels = ctc_labels.to(speech.device)
+        target_lengths = (ctc_labels != IGNORE_INDEX).sum(dim=1)
+        rows = target_lengths > 0
+        if not rows.any():
+            return speech.new_zeros(())
+        log_probs = self.speech_ctc_head(speech[rows]).float().log_softmax(-1).transpose(0, 1)
+        labels = ctc_labels[rows]
+        return nn.functional.ctc_loss(
+            log_probs,
+            labels[labels != IGNORE_INDEX],
+            frame_mask[rows].sum(dim=1),
+            target_lengths[rows],
+            blank=0,
+            zero_infinity=True,
+        )
 
     # ------------------------------------------------------------------------------------- forward
 
@@ -496,28 +555,33 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         audio_lengths: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        ctc_labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits (and the loss on ``labels``) of the LLM over the prompt with the audio spliced in.
 
         ``labels`` are -100 wherever no loss is taken; audio positions are forced to -100 here too.
         Positions count real tokens only (``cumsum`` of the mask), as ``generate`` counts them, so a
-        left-padded row gets the logits it gets alone.
+        left-padded row gets the logits it gets alone. ``ctc_labels`` (:func:`ctc_targets`, with a
+        CTC head) add ``ctc_weight`` × the CTC loss to the loss.
         """
-        embeds = self.embed_inputs(input_ids, input_features, input_values, audio_lengths)
+        embeds, frames = self._embed(input_ids, input_features, input_values, audio_lengths)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if labels is not None:
             labels = labels.masked_fill(input_ids == int(self.config.audio_token_id), IGNORE_INDEX)
-        return self.language_model(
+        output = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             **kwargs,
         )
+        if ctc_labels is not None and frames is not None and output.loss is not None:
+            output.loss = output.loss + float(self.config.ctc_weight) * self.ctc_loss(*frames, ctc_labels)
+        return output
 
     @torch.no_grad()
     def generate(
@@ -549,6 +613,20 @@ AutoProcessor.register(AudioLlmConfig, AudioLlmProcessor, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ builders
+
+
+def ctc_targets(texts: Sequence[str | None], alphabet: str = CTC_ALPHABET) -> torch.Tensor:
+    """Rows of alphabet ids (1…N; 0 is CTC's blank) padded with -100; ``None`` (an item that is not a
+    transcript) gives an all -100 row, which :meth:`AudioLlmForConditionalGeneration.ctc_loss` skips."""
+    rows = []
+    for text in texts:
+        spelled = " ".join("".join(c for c in (text or "").lower() if c in alphabet).split())
+        rows.append([alphabet.index(c) + 1 for c in spelled])
+    width = max([1, *(len(r) for r in rows)])
+    out = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 def build_processor(

@@ -228,7 +228,9 @@ def run_stage(ctx: RunContext) -> None:
             model=model,
             args=args,
             train_dataset=AudioItems(train_items),
-            data_collator=SalmonnCollator(processor, str(cfg["prompts"]), seed=int(cfg["seed"])),
+            data_collator=SalmonnCollator(
+                processor, str(cfg["prompts"]), seed=int(cfg["seed"]), ctc_alphabet=ctc_alphabet(model)
+            ),
         ),
         bridge,
     )
@@ -256,6 +258,12 @@ def run_stage(ctx: RunContext) -> None:
         ctx.log("stopped before the end; nothing published", "WARNING")
         return
     publish(ctx, cfg, folder, base_ref, scorer, held_items or train_items[:4], lora=lora)
+
+
+def ctc_alphabet(model: Any) -> str:
+    """What the training batches spell for the model's CTC head ("" without one; peft wraps the model)."""
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return str(config.ctc_alphabet) if float(config.ctc_weight) > 0 else ""
 
 
 def full_writer(model: AudioLlmForConditionalGeneration, processor: Any) -> Any:
