@@ -445,7 +445,7 @@ def test_ctc_weight_adds_a_loss_that_trains_whisper_from_its_frames() -> None:
     assert with_ctc.loss > lm_loss
     frames = model.encode_audio(
         batch["input_features"], None, batch["audio_lengths"], return_frames=True
-    )[2:]
+    )[2:4]
     expected = lm_loss + 0.5 * model.ctc_loss(*frames, audiollm.ctc_targets(texts))
     torch.testing.assert_close(with_ctc.loss, expected)
     captions_only = model(**batch, ctc_labels=audiollm.ctc_targets([None, None]))
@@ -459,3 +459,25 @@ def test_ctc_weight_adds_a_loss_that_trains_whisper_from_its_frames() -> None:
         plain(**batch, ctc_labels=audiollm.ctc_targets(texts))
     with pytest.raises(ValueError, match="needs Whisper"):
         audiollm.AudioLlmConfig(use_whisper=False, ctc_weight=0.5)
+
+
+def test_query_ctc_weight_reads_the_qformer_tokens_the_llm_gets() -> None:
+    model, processor = audiollm.build_tiny_audiollm(
+        seed=0, use_beats=False, num_queries=8, ctc_weight=0.5, query_ctc_weight=0.25
+    )
+    clips, texts = [_clip(1.0), _clip(0.8, seed=1)], ["I heard a bell.", "A low hum."]
+    batch = processor(clips, ASR, texts)
+    targets = audiollm.ctc_targets(texts)
+    _, token_mask, speech, frame_mask, queries = model.encode_audio(
+        batch["input_features"], None, batch["audio_lengths"], return_frames=True
+    )
+    expected = (
+        model(**batch).loss
+        + 0.5 * model.ctc_loss(speech, frame_mask, targets)
+        + 0.25 * model.ctc_loss(queries, token_mask, targets, model.query_ctc_head)
+    )
+    loss = model(**batch, ctc_labels=targets).loss
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.query_ctc_head.weight.grad.abs().sum() > 0
+    assert model.speech_qformer.query_tokens.grad.abs().sum() > 0

@@ -210,7 +210,10 @@ class AudioLlmConfig(PretrainedConfig):
       scratch has not had Whisper's ASR pre-training; without this loss the Q-Former gives the LLM
       nothing it can read, and the LLM learns to recite training sentences instead (measured: silent
       audio scored the same loss as the real clips after 1,500 steps). Blank is id 0, the alphabet's
-      characters 1…N (:func:`ctc_targets`).
+      characters 1…N (:func:`ctc_targets`). ``query_ctc_weight``: the same loss on the Q-Former's
+      output tokens (needs ``num_queries`` × 50 / ``window`` tokens a second above the characters a
+      second: 8 queries give 23.5). The tokens the LLM reads then spell the words in order, which the
+      LLM learns to read sooner than frames it must first learn to align.
     """
 
     model_type = MODEL_TYPE
@@ -236,6 +239,7 @@ class AudioLlmConfig(PretrainedConfig):
     freeze_beats: bool = True
     freeze_language_model: bool = True
     ctc_weight: float = 0.0
+    query_ctc_weight: float = 0.0
     ctc_alphabet: str = CTC_ALPHABET
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -243,6 +247,8 @@ class AudioLlmConfig(PretrainedConfig):
             raise ValueError("at least one of use_whisper / use_beats must be true")
         if self.ctc_weight < 0 or (self.ctc_weight > 0 and not self.use_whisper):
             raise ValueError("ctc_weight must be ≥ 0, and a CTC loss needs Whisper (use_whisper: true)")
+        if self.query_ctc_weight < 0:
+            raise ValueError("query_ctc_weight must be ≥ 0")
         if self.whisper_config is None:
             self.whisper_config = tiny_whisper_config()
         if self.beats_config is None:
@@ -327,6 +333,11 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         self.speech_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.speech_ctc_head = (
             nn.Linear(config.speech_width, len(config.ctc_alphabet) + 1) if config.ctc_weight > 0 else None
+        )
+        self.query_ctc_head = (
+            nn.Linear(config.qformer_config.hidden_size, len(config.ctc_alphabet) + 1)
+            if config.query_ctc_weight > 0
+            else None
         )
         self.language_model = (
             language_model if language_model is not None else LlamaForCausalLM(config.text_config)
@@ -427,7 +438,8 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
     ) -> tuple[torch.Tensor, ...]:
         """Audio tokens at the LLM's width (B, A, H) and their mask (B, A): what the prompt's audio ids get.
 
-        With ``return_frames`` also Whisper's frames (B, F, D) and their mask (B, F), for a CTC head.
+        With ``return_frames`` also Whisper's frames (B, F, D), their mask (B, F) and the Q-Former's
+        tokens before the projection (B, A, Q), for the CTC heads.
 
         ``input_features``: Whisper log-mels (B, mels, C·2·frames); ``input_values``: the padded
         16 kHz waveform (B, ≥ samples) for BEATs; ``audio_lengths``: samples per clip (B,). Only the
@@ -481,7 +493,7 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         tokens, token_mask = self.speech_qformer(speech, audio, frame_mask)
         projected = self.speech_projection(tokens.to(self.speech_projection.weight.dtype))
         if return_frames:
-            return projected, token_mask, speech, frame_mask
+            return projected, token_mask, speech, frame_mask, tokens
         return projected, token_mask
 
     def embed_inputs(
@@ -500,15 +512,16 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         input_features: torch.Tensor | None,
         input_values: torch.Tensor | None,
         audio_lengths: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """:meth:`embed_inputs`, and Whisper's frames with their mask (``None`` without audio)."""
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
+        """:meth:`embed_inputs`, and what the CTC heads read: ``{"frames": (Whisper's frames, mask),
+        "queries": (the Q-Former's tokens, mask)}`` (``None`` without audio)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         positions = input_ids == int(self.config.audio_token_id)
         if audio_lengths is None:
             if positions.any():
                 raise ValueError("the prompt has audio tokens but no audio was given")
             return embeds, None
-        tokens, token_mask, speech, frame_mask = self.encode_audio(
+        tokens, token_mask, speech, frame_mask, queries = self.encode_audio(
             input_features, input_values, audio_lengths, return_frames=True
         )
         expected = token_mask.sum(dim=1)
@@ -519,21 +532,41 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
                 "(was the processor built with this model's config?)"
             )
         source = tokens[token_mask].to(embeds.dtype)
-        return embeds.masked_scatter(positions[..., None].expand_as(embeds), source), (speech, frame_mask)
+        states = {"frames": (speech, frame_mask), "queries": (queries, token_mask)}
+        return embeds.masked_scatter(positions[..., None].expand_as(embeds), source), states
+
+    def ctc_losses(
+        self, states: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ctc_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted sum of the CTC losses of the heads the config asks for (``_embed``'s states)."""
+        heads = [
+            (self.speech_ctc_head, float(self.config.ctc_weight), "frames"),
+            (self.query_ctc_head, float(self.config.query_ctc_weight), "queries"),
+        ]
+        heads = [h for h in heads if h[0] is not None]
+        if not heads:
+            raise ValueError("ctc_labels given, but this model has no CTC head (ctc_weight is 0)")
+        return sum(weight * self.ctc_loss(*states[name], ctc_labels, head) for head, weight, name in heads)
 
     def ctc_loss(
-        self, speech: torch.Tensor, frame_mask: torch.Tensor, ctc_labels: torch.Tensor
+        self,
+        speech: torch.Tensor,
+        frame_mask: torch.Tensor,
+        ctc_labels: torch.Tensor,
+        head: nn.Module | None = None,
     ) -> torch.Tensor:
         """Mean per-character CTC loss of the rows of ``ctc_labels`` (B, L: alphabet ids, -100 padded)
-        that hold any (a caption item's row is all -100); 0 when none does."""
-        if self.speech_ctc_head is None:
+        that hold any (a caption item's row is all -100), read by ``head`` (default: the frames' head)
+        from ``speech`` (B, T, D) where ``frame_mask``; 0 when no row holds a transcript."""
+        head = head if head is not None else self.speech_ctc_head
+        if head is None:
             raise ValueError("ctc_labels given, but this model has no CTC head (ctc_weight is 0)")
         ctc_labels = ctc_labels.to(speech.device)
         target_lengths = (ctc_labels != IGNORE_INDEX).sum(dim=1)
         rows = target_lengths > 0
         if not rows.any():
             return speech.new_zeros(())
-        log_probs = self.speech_ctc_head(speech[rows]).float().log_softmax(-1).transpose(0, 1)
+        log_probs = head(speech[rows]).float().log_softmax(-1).transpose(0, 1)
         labels = ctc_labels[rows]
         return nn.functional.ctc_loss(
             log_probs,
@@ -563,7 +596,7 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
         ``labels`` are -100 wherever no loss is taken; audio positions are forced to -100 here too.
         Positions count real tokens only (``cumsum`` of the mask), as ``generate`` counts them, so a
         left-padded row gets the logits it gets alone. ``ctc_labels`` (:func:`ctc_targets`, with a
-        CTC head) add ``ctc_weight`` × the CTC loss to the loss.
+        CTC head) add ``ctc_weight`` / ``query_ctc_weight`` × each head's CTC loss to the loss.
         """
         embeds, frames = self._embed(input_ids, input_features, input_values, audio_lengths)
         if attention_mask is None:
@@ -580,7 +613,7 @@ class AudioLlmForConditionalGeneration(PreTrainedModel):
             **kwargs,
         )
         if ctc_labels is not None and frames is not None and output.loss is not None:
-            output.loss = output.loss + float(self.config.ctc_weight) * self.ctc_loss(*frames, ctc_labels)
+            output.loss = output.loss + self.ctc_losses(frames, ctc_labels)
         return output
 
     @torch.no_grad()

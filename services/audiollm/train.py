@@ -263,7 +263,7 @@ def run_stage(ctx: RunContext) -> None:
 def ctc_alphabet(model: Any) -> str:
     """What the training batches spell for the model's CTC head ("" without one; peft wraps the model)."""
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    return str(config.ctc_alphabet) if float(config.ctc_weight) > 0 else ""
+    return str(config.ctc_alphabet) if float(config.ctc_weight) + float(config.query_ctc_weight) > 0 else ""
 
 
 def full_writer(model: AudioLlmForConditionalGeneration, processor: Any) -> Any:
