@@ -213,3 +213,41 @@ def test_a_second_attempt_resumes_from_the_newest_checkpoint(corpus: Path, tmp_p
     loss_steps = sorted(metric_series(second.run_dir, "loss/train"))
     assert loss_steps == [2, 4, 6]  # steps 2 and 4 logged once (attempt 1), 6 by attempt 2
     assert [c["step"] for c in (e["checkpoint"] for e in events(second.run_dir, "checkpoint"))] == [2, 4, 6]
+
+
+def test_score_probe_trains_the_encoder_and_is_not_published(corpus: Path, tmp_path: Path) -> None:
+    """``probe_weight``: the probe's loss is logged, its gradient reaches the audio encoder (which the
+    answer loss alone also reaches under ``full``, so compare against a run without it), the probe sits
+    in the Trainer's checkpoints (resume) but not in the published folder."""
+    from safetensors import safe_open
+
+    base = {**RUN, "peft": "full", "max_steps": 3, "eval_every": 3, "max_heldout_items": 1,
+            "eval_at_start": False, "log_every": 1, "lr": 1e-3}
+    towers = {}
+    for weight in (0.0, 5.0):
+        ctx = inline_context(tmp_path, "sft", corpus, {**base, "probe_weight": weight},
+                             run_id=f"probe-{weight}", output_model=f"evaluator-probe-{weight}")
+        RECIPES["sft"].run(ctx)
+        ctx.close()
+        record = ModelStore(tmp_path).resolve(SERVICE, f"evaluator-probe-{weight}")
+        model, _ = evaluator.load_evaluator(record.path)
+        assert not any(name.startswith("score_probe") for name, _ in model.named_parameters())
+        with safe_open(str(record.path / "model.safetensors"), "pt") as published:
+            assert not any(key.startswith("score_probe") for key in published.keys())  # noqa: SIM118
+        towers[weight] = model.model.audio_tower.layers[0].fc1.weight.detach().clone()
+        probe_loss = metric_series(ctx.run_dir, "train/probe_loss")
+        if weight:
+            assert probe_loss and all(math.isfinite(v) for v in probe_loss.values())
+            saved = [c for c in ctx.checkpoints()][-1].path
+            keys = [k for f in saved.rglob("model.safetensors") for k in safe_open(str(f), "pt").keys()]  # noqa: SIM118
+            assert any(key.startswith("score_probe.") for key in keys)
+        else:
+            assert not probe_loss
+    assert not torch.allclose(towers[0.0], towers[5.0])  # the probe's loss moved the encoder
+
+
+def test_score_probe_needs_a_full_fine_tune(corpus: Path, tmp_path: Path) -> None:
+    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "probe_weight": 1.0})  # RUN is LoRA
+    with pytest.raises(ValueError, match="peft: full"):
+        RECIPES["sft"].run(ctx)
+    ctx.close()

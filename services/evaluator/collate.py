@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from dramaturg.services.evaluator.model import SAMPLE_RATE
+from dramaturg.services.evaluator.probe import probe_fields
 from dramaturg.services.evaluator.prompts import user_messages
 from transformers import Qwen2AudioProcessor
 
@@ -37,9 +38,17 @@ IGNORE_INDEX = -100
 class EvaluatorCollator:
     """Batches SFT rows for Qwen2-Audio (module docstring); padding follows the processor's tokenizer."""
 
-    def __init__(self, processor: Qwen2AudioProcessor, *, end_of_turn: str | None = None) -> None:
+    def __init__(
+        self,
+        processor: Qwen2AudioProcessor,
+        *,
+        end_of_turn: str | None = None,
+        probe_dimensions: Sequence[str] | None = None,
+    ) -> None:
         self.processor = processor
         self.end_of_turn = end_of_turn if end_of_turn is not None else processor.tokenizer.eos_token
+        # with a score probe (``probe.py``): each row's ``dimension`` and ``reference`` go in the batch too
+        self.probe_dimensions = list(probe_dimensions) if probe_dimensions else None
 
     def prompt_text(self, prompt: str) -> str:
         """The chat up to and including the generation prompt, with one ``<|AUDIO|>`` (not yet expanded)."""
@@ -71,10 +80,13 @@ class EvaluatorCollator:
                     "(did the tokenizer merge across the prompt/answer boundary?)"
                 )
             labels[row, start:end] = target
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "input_features": batch["input_features"],
             "feature_attention_mask": batch["feature_attention_mask"],
             "labels": labels,
         }
+        if self.probe_dimensions is not None:
+            out |= probe_fields(features, self.probe_dimensions)
+        return out

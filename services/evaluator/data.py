@@ -84,13 +84,19 @@ def sft_rows(
     detailed: bool,
     dimensions: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`~dramaturg.services.evaluator.prompts.sft_examples` rows with ``target`` per_rater | mean."""
+    """:func:`~dramaturg.services.evaluator.prompts.sft_examples` rows with ``target`` per_rater | mean.
+
+    Each row also carries ``reference``, the raters' mean (what the score probe, ``probe.py``, learns).
+    """
+    means = {(item["id"], dimension): rater_mean(item, dimension)
+             for item in items for dimension in item_dimensions(item)}
     if target == "mean":
         items = [with_mean_targets(item) for item in items]
     elif target != "per_rater":
         raise ValueError(f"target {target!r}: expected per_rater or mean")
     rng = np.random.default_rng(seed)
-    return sft_examples(items, rng=rng, detailed=detailed, dimensions=dimensions or None)
+    rows = sft_examples(items, rng=rng, detailed=detailed, dimensions=dimensions or None)
+    return [{**row, "reference": means[(row["id"], row["dimension"])]} for row in rows]
 
 
 class WithAudio:

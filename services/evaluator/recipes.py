@@ -90,6 +90,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
 
 SFT_DEFAULTS: dict[str, Any] = {
     "peft": "lora",  # lora | qlora | adalora | ia3 | full
+    # > 0: the score probe's loss on the audio tokens (probe.py; a from-scratch model, peft full only)
+    "probe_weight": 0.0,
 }
 
 GRPO_DEFAULTS: dict[str, Any] = {

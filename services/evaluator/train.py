@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 from .collate import EvaluatorCollator
 from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, sft_rows
 from .model import MERGEABLE_PEFT, build_tiny_evaluator, load_evaluator, peft_config, save_evaluator
+from .probe import ProbedSFTTrainer, attach_probe, without_probe
 from .prompts import PROMPTS_LABEL, item_dimensions, item_prompt, prompt_style
 from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, PLANNED_PEFT_METHODS, SCHEDULES, TARGETS
 
@@ -192,7 +193,8 @@ def merged_over_full_precision(model: Any, base: str) -> Any:
 def evaluator_writer(model: Any, processor: Any, *, qlora_base: str | None = None) -> Any:
     def write(folder: Path, metrics: Mapping[str, float]) -> None:
         merged = merged_over_full_precision(model, qlora_base) if qlora_base else standalone(model)
-        save_evaluator(merged, processor, folder)
+        with without_probe(merged):  # a training aid, never published
+            save_evaluator(merged, processor, folder)
 
     return write
 
@@ -431,18 +433,24 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
                     detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
     if not rows:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
+    probe_weight = float(cfg.get("probe_weight", 0.0))
+    if probe_weight > 0 and (cfg["peft"] != "full" or not corpus.dimensions):
+        raise ValueError("probe_weight > 0 trains the audio encoder through a score probe: it needs "
+                         "peft: full (the other methods keep the encoder frozen) and the run's dimensions")
     model, processor, source = build_model(ctx, cfg, device)
+    probe_dimensions = None
+    if probe_weight > 0:
+        probe_dimensions = attach_probe(model, corpus.dimensions or []).dimensions
     batch_size = max(1, min(int(cfg["batch_size"]), len(rows)))
     args = sft_config(ctx, cfg, batch_size, device)
 
     def make_trainer() -> Any:
-        return SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            data_collator=WithAudio(EvaluatorCollator(processor), corpus.clips),
-            processing_class=processor,
-        )
+        collator = WithAudio(EvaluatorCollator(processor, probe_dimensions=probe_dimensions), corpus.clips)
+        kwargs = {"model": model, "args": args, "train_dataset": Dataset.from_list(rows),
+                  "data_collator": collator, "processing_class": processor}
+        if probe_weight > 0:
+            return ProbedSFTTrainer(**kwargs, probe_weight=probe_weight)
+        return SFTTrainer(**kwargs)
 
     _train(ctx, cfg, corpus, model, processor, source, make_trainer,
            f"sft on {len(rows)} rows (target {cfg['target']}), batch {batch_size}")
