@@ -251,3 +251,17 @@ def test_score_probe_needs_a_full_fine_tune(corpus: Path, tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="peft: full"):
         RECIPES["sft"].run(ctx)
     ctx.close()
+
+
+def test_tiny_sections_widen_the_tiny_model() -> None:
+    from dramaturg.services.evaluator.train import tiny_model
+
+    model, processor = tiny_model({"seed": 0, "tiny_audio": {"encoder_layers": 3, "d_model": 96},
+                                   "tiny_text": {"hidden_size": 96, "intermediate_size": 192}})
+    assert model.config.audio_config.encoder_layers == 3 and model.config.audio_config.d_model == 96
+    assert model.config.text_config.hidden_size == 96
+    assert model.config.audio_config.num_mel_bins == 128  # untouched fields keep the tiny defaults
+    evaluator.check_window(model, processor)
+    default, _ = tiny_model({"seed": 0})
+    base, _ = evaluator.build_tiny_evaluator(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), base.parameters(), strict=True))

@@ -53,6 +53,10 @@ GRPO = "dramaturg.services.evaluator.train:run_grpo"
 COMMON_DEFAULTS: dict[str, Any] = {
     # --- model
     "base_model": "",  # "": the tiny evaluator (random); else a model-store ref, folder or hub id
+    # the tiny evaluator's sub-configs, field by field over model.tiny_audio_config / tiny_text_config
+    # (e.g. {encoder_layers: 4, d_model: 128}); ignored when base_model names a model
+    "tiny_audio": {},
+    "tiny_text": {},
     # --- data
     "item_set": "both",  # realism | archetype | both
     "dimensions": [],  # only these dimensions ([]: every dimension of each item)

@@ -49,10 +49,19 @@ from transformers import TrainerCallback
 
 from .collate import EvaluatorCollator
 from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, sft_rows
-from .model import MERGEABLE_PEFT, build_tiny_evaluator, load_evaluator, peft_config, save_evaluator
+from .model import (
+    MERGEABLE_PEFT,
+    build_tiny_evaluator,
+    load_evaluator,
+    peft_config,
+    save_evaluator,
+    tiny_audio_config,
+    tiny_text_config,
+)
 from .probe import ProbedSFTTrainer, attach_probe, without_probe
 from .prompts import PROMPTS_LABEL, item_dimensions, item_prompt, prompt_style
 from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, PLANNED_PEFT_METHODS, SCHEDULES, TARGETS
+from .tokenizer import build_tokenizer
 
 MONITOR = Monitor(MONITORED, "max")
 
@@ -119,9 +128,21 @@ def base_folder(ctx: RunContext, cfg: Mapping[str, Any]) -> str:
         return source
     folder = ctx.run_dir / "base"
     if not (folder / "config.json").is_file():
-        model, processor = build_tiny_evaluator(seed=int(cfg["seed"]))
+        model, processor = tiny_model(cfg)
         save_evaluator(model, processor, folder)
     return str(folder)
+
+
+def tiny_model(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The random tiny evaluator, its sub-configs widened by ``tiny_audio`` / ``tiny_text``."""
+    audio = dict(cfg.get("tiny_audio") or {})
+    text = dict(cfg.get("tiny_text") or {})
+    overrides: dict[str, Any] = {}
+    if audio:
+        overrides["audio_config"] = tiny_audio_config(**audio)
+    if text:
+        overrides["text_config"] = tiny_text_config(build_tokenizer(), **text)
+    return build_tiny_evaluator(seed=int(cfg["seed"]), **overrides)
 
 
 def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[Any, Any, str]:
@@ -145,7 +166,7 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
     elif source:
         base, processor = load_evaluator(source, dtype=dtype, device=device)
     else:
-        base, processor = build_tiny_evaluator(seed=int(cfg["seed"]))
+        base, processor = tiny_model(cfg)
         base.to(device)
     if method in MERGEABLE_PEFT:
         from peft import get_peft_model
