@@ -47,7 +47,7 @@ from dramaturg.services.evaluator.baseline import baseline_rows, fit_ridge
 from dramaturg.services.evaluator.data import evaluator_dir, load_clips, load_split
 from dramaturg.services.evaluator.evaluate import BootstrapSettings, compute_metrics, score_items
 from dramaturg.services.evaluator.recipes import PRESETS_DIR, RECIPES
-from dramaturg.services.evaluator.train import score_histogram
+from dramaturg.services.evaluator.train import score_histogram, tiny_model
 from dramaturg.shared.data.plan import plan_corpus
 from dramaturg.shared.data.synth import SynthConfig, synthesize_corpus
 from dramaturg.shared.store import ModelStore
@@ -136,8 +136,8 @@ def table(results: Mapping[str, Mapping[str, float]]) -> str:
 def score_model(source: str | Path | None, folder: Path, items: Sequence[Mapping[str, Any]]
                 ) -> list[dict[str, Any]]:
     """Result rows of a published model (``source``) or of the untrained tiny one (``None``)."""
-    if source is None:
-        model, processor = evaluator.build_tiny_evaluator(seed=int(RECIPES[PRESET].defaults["seed"]))
+    if source is None:  # the SFT run's starting point, sized by the preset's `model:` section if it has one
+        model, processor = tiny_model({**RECIPES[PRESET].defaults, **SPEC["overrides"]})
     else:
         model, processor = evaluator.load_evaluator(source)
     return score_items(model, processor, folder, items, detailed=False, dimensions=PROSODY_DIMENSIONS)

@@ -238,7 +238,7 @@ def test_score_probe_trains_the_encoder_and_is_not_published(corpus: Path, tmp_p
         probe_loss = metric_series(ctx.run_dir, "train/probe_loss")
         if weight:
             assert probe_loss and all(math.isfinite(v) for v in probe_loss.values())
-            saved = [c for c in ctx.checkpoints()][-1].path
+            saved = ctx.checkpoints()[-1].path
             keys = [k for f in saved.rglob("model.safetensors") for k in safe_open(str(f), "pt").keys()]  # noqa: SIM118
             assert any(key.startswith("score_probe.") for key in keys)
         else:
@@ -256,8 +256,9 @@ def test_score_probe_needs_a_full_fine_tune(corpus: Path, tmp_path: Path) -> Non
 def test_tiny_sections_widen_the_tiny_model() -> None:
     from dramaturg.services.evaluator.train import tiny_model
 
-    model, processor = tiny_model({"seed": 0, "tiny_audio": {"encoder_layers": 3, "d_model": 96},
-                                   "tiny_text": {"hidden_size": 96, "intermediate_size": 192}})
+    model, processor = tiny_model({"seed": 0, "model": {
+        "audio_config": {"encoder_layers": 3, "d_model": 96},
+        "text_config": {"hidden_size": 96, "intermediate_size": 192}}})
     assert model.config.audio_config.encoder_layers == 3 and model.config.audio_config.d_model == 96
     assert model.config.text_config.hidden_size == 96
     assert model.config.audio_config.num_mel_bins == 128  # untouched fields keep the tiny defaults
@@ -265,3 +266,5 @@ def test_tiny_sections_widen_the_tiny_model() -> None:
     default, _ = tiny_model({"seed": 0})
     base, _ = evaluator.build_tiny_evaluator(seed=0)
     assert all(torch.equal(a, b) for a, b in zip(default.parameters(), base.parameters(), strict=True))
+    with pytest.raises(ValueError, match="unknown keys"):
+        tiny_model({"seed": 0, "model": {"whisper_config": {}}})

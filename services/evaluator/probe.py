@@ -50,9 +50,6 @@ class ScoreProbe(nn.Module):
         self.dimensions = list(dimensions)
         self.head = nn.Linear(width, len(self.dimensions))
 
-    def index(self, dimension: str) -> int:
-        return self.dimensions.index(dimension)
-
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``tokens`` (clips, frames, width), ``lengths`` (clips,) valid frames → (clips, dimensions)."""
         frames = torch.arange(tokens.shape[1], device=tokens.device)[None, :]

@@ -13,7 +13,9 @@ answer ``<answer>N</answer>`` to one-dimension prompts, on the corpus's Speech-D
   (prompt-learning methods) are refused by name: their virtual tokens cannot be merged into the
   weights, and this service publishes standalone merged models and scores without peft (see
   README's design notes). ``target`` picks each row's answer: ``per_rater`` (one rater's score
-  drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). ``base_model`` ""
+  drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). ``probe_weight`` > 0
+  (``peft: full``) adds the score probe's loss on the audio tokens (``probe.py``): a training aid for
+  the random tiny model's encoder. ``base_model`` ""
   trains the tiny evaluator (a random init; for tests and CPU checks), otherwise a model-store ref,
   folder or hub id.
 * ``grpo`` — TRL's ``GRPOTrainer`` subclassed (``grpo.py``) so that the audio reaches generation and
@@ -53,10 +55,9 @@ GRPO = "dramaturg.services.evaluator.train:run_grpo"
 COMMON_DEFAULTS: dict[str, Any] = {
     # --- model
     "base_model": "",  # "": the tiny evaluator (random); else a model-store ref, folder or hub id
-    # the tiny evaluator's sub-configs, field by field over model.tiny_audio_config / tiny_text_config
-    # (e.g. {encoder_layers: 4, d_model: 128}); ignored when base_model names a model
-    "tiny_audio": {},
-    "tiny_text": {},
+    # the tiny evaluator's sub-configs, field by field, as the audio LLM's `model:` section: {audio_config:
+    # {encoder_layers: 4, d_model: 128}, text_config: {hidden_size: 128}}; ignored when base_model names one
+    "model": {},
     # --- data
     "item_set": "both",  # realism | archetype | both
     "dimensions": [],  # only these dimensions ([]: every dimension of each item)

@@ -134,14 +134,16 @@ def base_folder(ctx: RunContext, cfg: Mapping[str, Any]) -> str:
 
 
 def tiny_model(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
-    """The random tiny evaluator, its sub-configs widened by ``tiny_audio`` / ``tiny_text``."""
-    audio = dict(cfg.get("tiny_audio") or {})
-    text = dict(cfg.get("tiny_text") or {})
+    """The random tiny evaluator, its sub-configs widened field by field by the ``model`` section."""
+    section = dict(cfg.get("model") or {})
+    unknown = set(section) - {"audio_config", "text_config"}
+    if unknown:
+        raise ValueError(f"model: unknown keys {sorted(unknown)}; expected audio_config, text_config")
     overrides: dict[str, Any] = {}
-    if audio:
-        overrides["audio_config"] = tiny_audio_config(**audio)
-    if text:
-        overrides["text_config"] = tiny_text_config(build_tokenizer(), **text)
+    if section.get("audio_config"):
+        overrides["audio_config"] = tiny_audio_config(**section["audio_config"])
+    if section.get("text_config"):
+        overrides["text_config"] = tiny_text_config(build_tokenizer(), **section["text_config"])
     return build_tiny_evaluator(seed=int(cfg["seed"]), **overrides)
 
 
@@ -461,7 +463,7 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     model, processor, source = build_model(ctx, cfg, device)
     probe_dimensions = None
     if probe_weight > 0:
-        probe_dimensions = attach_probe(model, corpus.dimensions or []).dimensions
+        probe_dimensions = attach_probe(model, corpus.dimensions).dimensions
     batch_size = max(1, min(int(cfg["batch_size"]), len(rows)))
     args = sft_config(ctx, cfg, batch_size, device)
 
