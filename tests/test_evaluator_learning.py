@@ -25,7 +25,7 @@ SFT and GRPO are compared: GRPO must not collapse them.
 
 **What is asserted** is what the tiny model achieves, not the issue's target (mean Spearman ≥ 0.6 after
 SFT), which it does not reach (README, "The evaluator service"): the baseline ranks the clips (the
-labels are learnable from the audio); SFT (with the score probe, ``probe_weight``) learns the answer
+labels are learnable from the audio); SFT (with ``probe.py``'s training aids) learns the answer
 format, is closer to the raters than the untrained model, ranks the clips better than it (mean ρ) and
 ranks dynamic range; GRPO keeps the held-out MAE without narrowing the predicted histogram.
 """

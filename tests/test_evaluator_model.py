@@ -350,6 +350,88 @@ def test_collator_masks_prompt_and_audio_keeps_the_answer(tiny, items):
     assert float(out.loss) == pytest.approx(float(manual), abs=1e-5)
 
 
+def test_clip_contour_follows_a_known_glide_and_its_silence():
+    """One octave up over 2 s, then 0.5 s of silence: voicing, F0 and level as ``clip_contour`` says."""
+    from dramaturg.services.evaluator.probe import F0_SCALE_ST, clip_contour
+
+    t = np.arange(2 * RATE) / RATE
+    f0 = 150.0 * 2.0 ** (t / 2.0)  # 150 → 300 Hz
+    tone = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / RATE)
+    clip = np.concatenate([tone, np.zeros(RATE // 2)]).astype(np.float32)
+    contour = clip_contour(clip, RATE, 300)  # 3 s of 10 ms frames: the last 0.5 s is past the clip
+    assert contour.shape == (300, 3)
+    assert np.isnan(contour[260:]).all()
+    voicing, pitch, level = contour[:250, 0], contour[:250, 1], contour[:250, 2]
+    assert voicing[20:180].min() == 1.0 and voicing[210:240].max() == 0.0
+    rise = (np.nanmax(pitch[10:190]) - np.nanmin(pitch[10:190])) * F0_SCALE_ST
+    assert rise == pytest.approx(12.0 * 180 / 200, abs=1.0)  # semitones covered by frames 10..190
+    assert abs(float(np.nanmedian(pitch[:200]))) < 0.05  # relative to the clip's median F0
+    assert np.isnan(pitch[210:240]).all()
+    assert level[20:180].min() > 1.4 and level[210:240].max() == pytest.approx(-1.5)  # loudest vs floor
+
+
+def test_token_contours_average_four_frames_and_mask_what_is_undefined():
+    from dramaturg.services.evaluator.probe import token_contours
+
+    nan = float("nan")
+    frames = torch.tensor([[[1, 0.2, 1.0], [1, 0.4, 1.0], [0, nan, 0.0], [0, nan, 0.0],   # token 0
+                            [1, 0.6, 0.5], [0, nan, 0.5], [0, nan, 0.5], [0, nan, 0.5],   # token 1
+                            [nan, nan, nan]] * 1], dtype=torch.float32)                    # dropped
+    mean, defined = token_contours(frames)
+    assert mean.shape == defined.shape == (1, 2, 3)
+    assert mean[0, 0].tolist() == pytest.approx([0.5, 0.3, 0.5])
+    assert defined[0].tolist() == [[True, True, True], [True, False, True]]  # one voiced frame: no F0
+
+
+def test_expected_score_loss_reads_the_logits_before_each_rows_digit():
+    """Row 0 answers at position 3, row 1 at position 2 (and has a later digit too); the logits one
+    position earlier give P(1..5) ∝ 1,1,1,1,0 (expected 2.5) and all on "5" (5); the loss is the mean
+    squared error against scores 3 and 5 on the -1..1 scale."""
+    from dramaturg.services.evaluator.probe import digit_positions, expected_score_loss
+
+    digits = [5, 6, 7, 8, 9]
+    labels = torch.tensor([[-100, -100, -100, 7, 2], [-100, -100, 9, 5, 1]])
+    positions = digit_positions(labels, digits)
+    assert positions.tolist() == [3, 2]
+    logits = torch.zeros(2, 5, 10)
+    logits[0, 2, digits] = torch.tensor([0.0, 0.0, 0.0, 0.0, -1e4])
+    logits[0, 1, digits] = torch.tensor([9.0, 0.0, 0.0, 0.0, 0.0])  # a decoy one position too early
+    logits[1, 1, digits] = torch.tensor([-1e4, -1e4, -1e4, -1e4, 0.0])
+    before = logits[torch.arange(2), positions - 1]
+    loss = expected_score_loss(before, torch.tensor([0.0, 1.0]), digits)
+    assert float(loss) == pytest.approx(((2.5 - 3.0) / 2.0) ** 2 / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="no digit"):
+        digit_positions(torch.full((2, 5), -100), digits)
+
+
+def test_clip_grouped_sampler_keeps_each_clips_rows_together_and_reshuffles():
+    from dramaturg.services.evaluator.probe import ClipGroupedSampler
+
+    ids = [f"clip{i // 4}" for i in range(40)]  # 10 clips × 4 dimensions
+    sampler = ClipGroupedSampler(ids, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert len(sampler) == 40 and sorted(first) == sorted(second) == list(range(40))
+    for order in (first, second):
+        clips = [ids[i] for i in order]
+        assert all(len(set(clips[k:k + 4])) == 1 for k in range(0, 40, 4))  # a clip's rows in a row
+    assert first != second  # the clips are reshuffled every epoch
+
+
+def test_collator_adds_each_clips_contour_when_asked(tiny, items):
+    from dramaturg.services.evaluator.probe import clip_contour
+
+    _, processor = tiny
+    rows = _sft_rows(items)
+    plain = EvaluatorCollator(processor)(rows)
+    assert "contour_target" not in plain
+    batch = EvaluatorCollator(processor, contours=True)(rows)
+    frames = batch["input_features"].shape[-1]
+    assert batch["contour_target"].shape == (len(rows), frames, 3)
+    for row, data in enumerate(rows):
+        expected = clip_contour(data["audio"], RATE, frames)
+        assert np.array_equal(batch["contour_target"][row].numpy(), expected, equal_nan=True)
+
+
 # --------------------------------------------------------------------------------------- LoRA, SFT
 
 

@@ -216,38 +216,61 @@ def test_a_second_attempt_resumes_from_the_newest_checkpoint(corpus: Path, tmp_p
 
 
 def test_score_probe_trains_the_encoder_and_is_not_published(corpus: Path, tmp_path: Path) -> None:
-    """``probe_weight``: the probe's loss is logged, its gradient reaches the audio encoder (which the
-    answer loss alone also reaches under ``full``, so compare against a run without it), the probe sits
-    in the Trainer's checkpoints (resume) but not in the published folder."""
+    """``probe_weight`` and ``contour_weight``: each probe loss is logged, its gradient reaches the audio
+    encoder (which the answer loss alone also reaches under ``full``, so compare against a run without
+    it), the probe sits in the Trainer's checkpoints (resume) but not in the published folder."""
     from safetensors import safe_open
 
     base = {**RUN, "peft": "full", "max_steps": 3, "eval_every": 3, "max_heldout_items": 1,
             "eval_at_start": False, "log_every": 1, "lr": 1e-3}
+    runs = {"none": {}, "probe": {"probe_weight": 5.0}, "contour": {"contour_weight": 5.0},
+            "score": {"score_weight": 5.0}}
     towers = {}
-    for weight in (0.0, 5.0):
-        ctx = inline_context(tmp_path, "sft", corpus, {**base, "probe_weight": weight},
-                             run_id=f"probe-{weight}", output_model=f"evaluator-probe-{weight}")
+    for name, weights in runs.items():
+        ctx = inline_context(tmp_path, "sft", corpus, {**base, **weights},
+                             run_id=f"probe-{name}", output_model=f"evaluator-probe-{name}")
         RECIPES["sft"].run(ctx)
         ctx.close()
-        record = ModelStore(tmp_path).resolve(SERVICE, f"evaluator-probe-{weight}")
+        record = ModelStore(tmp_path).resolve(SERVICE, f"evaluator-probe-{name}")
         model, _ = evaluator.load_evaluator(record.path)
-        assert not any(name.startswith("score_probe") for name, _ in model.named_parameters())
+        assert not any(key.startswith("score_probe") for key, _ in model.named_parameters())
         with safe_open(str(record.path / "model.safetensors"), "pt") as published:
             assert not any(key.startswith("score_probe") for key in published.keys())  # noqa: SIM118
-        towers[weight] = model.model.audio_tower.layers[0].fc1.weight.detach().clone()
+        towers[name] = model.model.audio_tower.layers[0].fc1.weight.detach().clone()
         probe_loss = metric_series(ctx.run_dir, "train/probe_loss")
-        if weight:
-            assert probe_loss and all(math.isfinite(v) for v in probe_loss.values())
-            saved = ctx.checkpoints()[-1].path
-            keys = [k for f in saved.rglob("model.safetensors") for k in safe_open(str(f), "pt").keys()]  # noqa: SIM118
-            assert any(key.startswith("score_probe.") for key in keys)
-        else:
-            assert not probe_loss
-    assert not torch.allclose(towers[0.0], towers[5.0])  # the probe's loss moved the encoder
+        contour_loss = metric_series(ctx.run_dir, "train/contour_loss")
+        score_loss = metric_series(ctx.run_dir, "train/score_loss")
+        assert bool(contour_loss) == (name == "contour") and bool(score_loss) == (name == "score")
+        assert all(math.isfinite(v) for v in [*contour_loss.values(), *score_loss.values()])
+        assert bool(probe_loss) == (name == "probe")
+        assert all(math.isfinite(v) for v in probe_loss.values())
+        saved = ctx.checkpoints()[-1].path
+        keys = [k for f in saved.rglob("model.safetensors") for k in safe_open(str(f), "pt").keys()]  # noqa: SIM118
+        assert any(key.startswith("score_probe.") for key in keys) == (name in ("probe", "contour"))
+    assert not torch.allclose(towers["none"], towers["probe"])  # the probe's loss moved the encoder
+    assert not torch.allclose(towers["none"], towers["contour"])  # and so did the contour head's
+    assert not torch.allclose(towers["none"], towers["score"])  # and the expected score's, through the LM
 
 
-def test_score_probe_needs_a_full_fine_tune(corpus: Path, tmp_path: Path) -> None:
-    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "probe_weight": 1.0})  # RUN is LoRA
+def test_score_weight_trains_a_lora_evaluator(corpus: Path, tmp_path: Path) -> None:
+    """``score_weight`` needs no probe and no full fine-tune: with LoRA (the LM head in ``modules_to_save``)
+    its loss is computed and logged at every step."""
+    base = {**RUN, "max_steps": 3, "eval_every": 3, "max_heldout_items": 1, "eval_at_start": False,
+            "log_every": 1}
+    logged = {}
+    for weight in (0.0, 5.0):
+        ctx = inline_context(tmp_path, "sft", corpus, {**base, "score_weight": weight},
+                             run_id=f"score-{weight}", output_model=f"evaluator-score-{weight}")
+        RECIPES["sft"].run(ctx)
+        ctx.close()
+        logged[weight] = metric_series(ctx.run_dir, "train/score_loss")
+    assert not logged[0.0]
+    assert len(logged[5.0]) == 3 and all(math.isfinite(v) for v in logged[5.0].values())
+
+
+@pytest.mark.parametrize("weight", ["probe_weight", "contour_weight"])
+def test_score_probe_needs_a_full_fine_tune(corpus: Path, tmp_path: Path, weight: str) -> None:
+    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, weight: 1.0})  # RUN is LoRA
     with pytest.raises(ValueError, match="peft: full"):
         RECIPES["sft"].run(ctx)
     ctx.close()

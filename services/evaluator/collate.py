@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from dramaturg.services.evaluator.model import SAMPLE_RATE
-from dramaturg.services.evaluator.probe import probe_fields
+from dramaturg.services.evaluator.probe import clip_contour, probe_fields
 from dramaturg.services.evaluator.prompts import user_messages
 from transformers import Qwen2AudioProcessor
 
@@ -44,11 +44,26 @@ class EvaluatorCollator:
         *,
         end_of_turn: str | None = None,
         probe_dimensions: Sequence[str] | None = None,
+        contours: bool = False,
     ) -> None:
         self.processor = processor
         self.end_of_turn = end_of_turn if end_of_turn is not None else processor.tokenizer.eos_token
         # with a score probe (``probe.py``): each row's ``dimension`` and ``reference`` go in the batch too
         self.probe_dimensions = list(probe_dimensions) if probe_dimensions else None
+        # with the probe's contour head: each clip's per-frame pitch and level (``contour_target``),
+        # measured once per ``wav_path``
+        self.contours = contours
+        self._contour_cache: dict[str, np.ndarray] = {}
+
+    def contour(self, feature: Mapping[str, Any], audio: np.ndarray, frames: int) -> np.ndarray:
+        """:func:`~.probe.clip_contour` of one row's clip, cached by its ``wav_path`` when it has one."""
+        key = feature.get("wav_path")
+        if key is None:
+            return clip_contour(audio, SAMPLE_RATE, frames)
+        cached = self._contour_cache.get(str(key))
+        if cached is None or cached.shape[0] != frames:
+            cached = self._contour_cache[str(key)] = clip_contour(audio, SAMPLE_RATE, frames)
+        return cached
 
     def prompt_text(self, prompt: str) -> str:
         """The chat up to and including the generation prompt, with one ``<|AUDIO|>`` (not yet expanded)."""
@@ -89,4 +104,9 @@ class EvaluatorCollator:
         }
         if self.probe_dimensions is not None:
             out |= probe_fields(features, self.probe_dimensions)
+        if self.contours:
+            frames = int(batch["input_features"].shape[-1])
+            out["contour_target"] = torch.from_numpy(
+                np.stack([self.contour(f, a, frames) for f, a in zip(features, audios, strict=True)])
+            )
         return out

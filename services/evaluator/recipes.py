@@ -13,9 +13,11 @@ answer ``<answer>N</answer>`` to one-dimension prompts, on the corpus's Speech-D
   (prompt-learning methods) are refused by name: their virtual tokens cannot be merged into the
   weights, and this service publishes standalone merged models and scores without peft (see
   README's design notes). ``target`` picks each row's answer: ``per_rater`` (one rater's score
-  drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). ``probe_weight`` > 0
-  (``peft: full``) adds the score probe's loss on the audio tokens (``probe.py``): a training aid for
-  the random tiny model's encoder. ``base_model`` ""
+  drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). Training aids for
+  the random tiny model (``probe.py``): ``probe_weight`` > 0 (``peft: full``) adds the score probe's
+  loss on the audio tokens, ``contour_weight`` > 0 (``peft: full``) its per-token pitch / voicing /
+  level loss, ``score_weight`` > 0 the squared error of the expected score the service returns, and
+  ``group_by_clip`` batches each clip's rows together. ``base_model`` ""
   trains the tiny evaluator (a random init; for tests and CPU checks), otherwise a model-store ref,
   folder or hub id.
 * ``grpo`` — TRL's ``GRPOTrainer`` subclassed (``grpo.py``) so that the audio reaches generation and
@@ -97,6 +99,12 @@ SFT_DEFAULTS: dict[str, Any] = {
     "peft": "lora",  # lora | qlora | adalora | ia3 | full
     # > 0: the score probe's loss on the audio tokens (probe.py; a from-scratch model, peft full only)
     "probe_weight": 0.0,
+    # > 0: the probe's per-token pitch/voicing/level loss (probe.py, "Contours"; peft full only)
+    "contour_weight": 0.0,
+    # > 0: squared error of the expected score (what the service returns) against the raters' mean
+    "score_weight": 0.0,
+    # batches keep each clip's rows (one per dimension) together (probe.py ClipGroupedSampler)
+    "group_by_clip": False,
 }
 
 GRPO_DEFAULTS: dict[str, Any] = {

@@ -456,23 +456,29 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
                     detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
     if not rows:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
-    probe_weight = float(cfg.get("probe_weight", 0.0))
-    if probe_weight > 0 and (cfg["peft"] != "full" or not corpus.dimensions):
-        raise ValueError("probe_weight > 0 trains the audio encoder through a score probe: it needs "
-                         "peft: full (the other methods keep the encoder frozen) and the run's dimensions")
+    weights = {name: float(cfg.get(name, 0.0)) for name in ("probe_weight", "contour_weight", "score_weight")}
+    probed = weights["probe_weight"] > 0 or weights["contour_weight"] > 0
+    if probed and (cfg["peft"] != "full" or not corpus.dimensions):
+        raise ValueError("probe_weight / contour_weight > 0 train the audio encoder through a probe: "
+                         "they need peft: full (the other methods keep the encoder frozen) and the run's "
+                         "dimensions")
     model, processor, source = build_model(ctx, cfg, device)
-    probe_dimensions = None
-    if probe_weight > 0:
-        probe_dimensions = attach_probe(model, corpus.dimensions).dimensions
+    if probed:
+        attach_probe(model, corpus.dimensions)
+    group_by_clip = bool(cfg.get("group_by_clip", False))
+    aided = group_by_clip or any(weight > 0 for weight in weights.values())
+    # the aids' losses need each row's reference score (and dimension) in the batch
+    references = list(corpus.dimensions or dict.fromkeys(str(row["dimension"]) for row in rows))
     batch_size = max(1, min(int(cfg["batch_size"]), len(rows)))
     args = sft_config(ctx, cfg, batch_size, device)
 
     def make_trainer() -> Any:
-        collator = WithAudio(EvaluatorCollator(processor, probe_dimensions=probe_dimensions), corpus.clips)
+        collator = WithAudio(EvaluatorCollator(processor, probe_dimensions=references if aided else None,
+                                               contours=weights["contour_weight"] > 0), corpus.clips)
         kwargs = {"model": model, "args": args, "train_dataset": Dataset.from_list(rows),
                   "data_collator": collator, "processing_class": processor}
-        if probe_weight > 0:
-            return ProbedSFTTrainer(**kwargs, probe_weight=probe_weight)
+        if aided:
+            return ProbedSFTTrainer(**kwargs, **weights, group_by_clip=group_by_clip)
         return SFTTrainer(**kwargs)
 
     _train(ctx, cfg, corpus, model, processor, source, make_trainer,
