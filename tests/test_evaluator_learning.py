@@ -66,7 +66,7 @@ BOOTSTRAP = BootstrapSettings(n_resamples=1000)
 GRPO: dict[str, Any] = {
     "item_set": "realism",
     "dimensions": PROSODY_DIMENSIONS,
-    "detailed": False,
+    "detailed": bool(SPEC["overrides"]["detailed"]),
     "target": "mean",
     "peft": "full",
     "lr": 1e-4,
@@ -140,7 +140,8 @@ def score_model(source: str | Path | None, folder: Path, items: Sequence[Mapping
         model, processor = tiny_model({**RECIPES[PRESET].defaults, **SPEC["overrides"]})
     else:
         model, processor = evaluator.load_evaluator(source)
-    return score_items(model, processor, folder, items, detailed=False, dimensions=PROSODY_DIMENSIONS)
+    detailed = bool(SPEC["overrides"]["detailed"])  # the prompt style the preset trains with
+    return score_items(model, processor, folder, items, detailed=detailed, dimensions=PROSODY_DIMENSIONS)
 
 
 @pytest.mark.timeout(3600)
