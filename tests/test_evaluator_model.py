@@ -415,6 +415,8 @@ def test_clip_grouped_sampler_keeps_each_clips_rows_together_and_reshuffles():
         clips = [ids[i] for i in order]
         assert all(len(set(clips[k:k + 4])) == 1 for k in range(0, 40, 4))  # a clip's rows in a row
     assert first != second  # the clips are reshuffled every epoch
+    sampler.set_epoch(1)
+    assert list(sampler) == second  # an epoch's order is reproducible (a resumed run)
 
 
 def test_collator_adds_each_clips_contour_when_asked(tiny, items):

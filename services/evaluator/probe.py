@@ -197,9 +197,14 @@ class ClipGroupedSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return sum(len(rows) for rows in self.groups.values())
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration gives (as ``DistributedSampler``: accelerate calls it,
+        so a resumed run sees the same order as the run it continues)."""
+        self.epoch = int(epoch)
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
+        self.epoch += 1  # reshuffled next time even when nobody calls set_epoch
         groups = list(self.groups.values())
         for position in torch.randperm(len(groups), generator=generator).tolist():
             yield from groups[position]
