@@ -125,6 +125,27 @@ def test_tiny_model_config_tokenizer_and_window(tiny):
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         f"Audio 1: {AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}\nRate it.<|im_end|>\n<|im_start|>assistant\n"
     )
+    # audio_position last: the same turn with the clip after the prompt, saved with the processor
+    last = copy.deepcopy(processor)
+    evaluator.set_audio_position(last, "last")
+    text_last = last.apply_chat_template(prompts.user_messages("Rate it."), add_generation_prompt=True,
+                                         tokenize=False)
+    assert text_last == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"Rate it.\nAudio 1: {AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        last.save_pretrained(folder)
+        loaded = evaluator.AutoProcessor.from_pretrained(folder)
+        assert loaded.apply_chat_template(prompts.user_messages("Rate it."), add_generation_prompt=True,
+                                          tokenize=False) == text_last
+    evaluator.set_audio_position(last, "first")
+    assert last.apply_chat_template(prompts.user_messages("Rate it."), add_generation_prompt=True,
+                                    tokenize=False) == text
+    evaluator.set_audio_position(last, "")  # keep the model's own
+    assert last.chat_template == processor.chat_template
+    with pytest.raises(ValueError, match="audio_position"):
+        evaluator.set_audio_position(last, "middle")
     # the answer prefix tokenises the same alone and followed by the answer (scoring reads the next token)
     prefix = tokenizer.encode(text + "<answer>", add_special_tokens=False)
     full = tokenizer.encode(text + prompts.format_answer(3) + IM_END, add_special_tokens=False)

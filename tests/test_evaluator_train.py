@@ -22,6 +22,7 @@ import pytest
 import torch
 from dramaturg.services.evaluator import model as evaluator
 from dramaturg.services.evaluator.data import evaluator_dir, load_clip, load_split
+from dramaturg.services.evaluator.prompts import user_messages
 from dramaturg.services.evaluator.recipes import MONITORED, PRESETS_DIR, RECIPES
 from dramaturg.services.evaluator.scoring import score_item
 from dramaturg.shared.data.synth import SynthConfig, synthesize_corpus
@@ -186,15 +187,27 @@ def test_published_model_learnt_the_answer_format(sft_run: RunContext, corpus: P
 
 
 def test_full_fine_tune_trains_a_step(corpus: Path, tmp_path: Path) -> None:
-    overrides = {**RUN, "peft": "full", "max_steps": 2, "eval_every": 0, "max_heldout_items": 1}
+    """Also with ``audio_position: last``: the published processor prompts with the clip after the text."""
+    overrides = {**RUN, "peft": "full", "max_steps": 2, "eval_every": 0, "max_heldout_items": 1,
+                 "audio_position": "last"}
     ctx = inline_context(tmp_path, "sft", corpus, overrides, output_model="evaluator-full")
     RECIPES["sft"].run(ctx)
     ctx.close()
     loss = metric_series(ctx.run_dir, "loss/train")
     assert loss and all(math.isfinite(v) for v in loss.values())
     record = ModelStore(tmp_path).resolve(SERVICE, "evaluator-full")
-    model, _ = evaluator.load_evaluator(record.path)
+    model, processor = evaluator.load_evaluator(record.path)
     assert not any(".lora_" in name for name, _ in model.named_parameters())
+    text = processor.apply_chat_template(user_messages("Rate it."), add_generation_prompt=True,
+                                         tokenize=False)
+    assert text.index("Rate it.") < text.index(processor.audio_token)
+
+
+def test_an_unknown_audio_position_is_refused(corpus: Path, tmp_path: Path) -> None:
+    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "audio_position": "middle"})
+    with pytest.raises(ValueError, match="audio_position 'middle'"):
+        RECIPES["sft"].run(ctx)
+    ctx.close()
 
 
 def test_a_second_attempt_resumes_from_the_newest_checkpoint(corpus: Path, tmp_path: Path) -> None:

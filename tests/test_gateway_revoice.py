@@ -22,10 +22,10 @@ from dramaturg.services.gateway.revoice import (
     match_loudness,
     parse_script,
     splice,
-    word_error_rate,
     words_for,
 )
 from dramaturg.shared.grpc.errors import ServiceError
+from dramaturg.shared.scoring import word_error_rate
 from google.protobuf import json_format
 
 RATE = 16_000

@@ -58,6 +58,7 @@ from dramaturg.services.evaluator.tokenizer import (
     AUDIO_EOS,
     AUDIO_TOKEN,
     CHAT_TEMPLATE,
+    CHAT_TEMPLATE_AUDIO_LAST,
     ENDOFTEXT,
     IM_END,
     build_tokenizer,
@@ -201,6 +202,25 @@ def check_window(model: nn.Module, processor: Qwen2AudioProcessor) -> None:
             f"the processor pads audio to {got} mel frames but the encoder takes exactly {expected} "
             "(2 × max_source_positions): build the processor with the model's window"
         )
+
+
+AUDIO_POSITIONS = ("", "first", "last")
+
+
+def set_audio_position(processor: Qwen2AudioProcessor, position: str) -> None:
+    """Where a user turn's clip goes: ``first`` (before the prompt, Qwen2-Audio-Instruct's and
+    Speech-DRAME's order), ``last`` (after it), ``""`` (leave the processor's template as it is).
+
+    It is the processor's chat template that places the audio, so the choice is saved with the model
+    (``save_pretrained``) and every reader of it — training, scoring, GRPO, the server — prompts it the
+    way it was trained. Why ``last`` exists: with the clip first, a causal language model encodes the clip
+    before it knows the dimension asked about, and only the few positions after the prompt can pick out
+    that dimension's cue; with the clip last, every audio position already sees the question.
+    """
+    if position not in AUDIO_POSITIONS:
+        raise ValueError(f"audio_position {position!r}: expected first, last or \"\" (keep the model's)")
+    if position:
+        processor.chat_template = CHAT_TEMPLATE_AUDIO_LAST if position == "last" else CHAT_TEMPLATE
 
 
 def unwrap(model: nn.Module) -> Qwen2AudioForConditionalGeneration:

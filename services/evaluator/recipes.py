@@ -64,6 +64,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "item_set": "both",  # realism | archetype | both
     "dimensions": [],  # only these dimensions ([]: every dimension of each item)
     "detailed": True,  # the detailed rubric prompts (False: the simple ones)
+    # where the clip goes in the user turn: first (Speech-DRAME's order) | last (after the prompt) | ""
+    # (the base model's own template); saved with the model's processor (model.set_audio_position)
+    "audio_position": "",
     "target": "per_rater",  # per_rater | mean
     "max_train_items": 0,  # > 0: only the first N training items
     "max_heldout_items": 0,  # > 0: only the first N held-out items are scored

@@ -46,30 +46,50 @@ VOCAB_SIZE = 1024
 PROMPT_REPEATS = 20  # how often each rubric prompt is fed to the trainer (contexts and sentences: once)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
-# Qwen2-Audio-Instruct's chat template, same output: default system turn, audio parts as
-# "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>\n", text parts verbatim, ChatML turns.
-CHAT_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+_IS_AUDIO = "content['type'] == 'audio' or 'audio' in content or 'audio_url' in content"
+_AUDIO_PART = (
     "{% set audio_count.value = audio_count.value + 1 %}"
-    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
-    "{% elif 'text' in content %}"
-    "{{ content['text'] }}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>"
+)
+
+
+def _chat_template(message_parts: str) -> str:
+    """A ChatML template, default system turn, each list-of-parts message written by ``message_parts``."""
+    return (
+        "{% set audio_count = namespace(value=0) %}"
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
+        "{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}"
+        "{{ message['content'] }}<|im_end|>\n"
+        "{% else %}" + message_parts + "<|im_end|>\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# Qwen2-Audio-Instruct's chat template, same output: default system turn, audio parts as
+# "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>\n", text parts verbatim, in the message's order, ChatML turns.
+CHAT_TEMPLATE = _chat_template(
+    "{% for content in message['content'] %}"
+    "{% if " + _IS_AUDIO + " %}" + _AUDIO_PART + "\n"
+    "{% elif 'text' in content %}{{ content['text'] }}"
     "{% endif %}"
     "{% endfor %}"
-    "<|im_end|>\n"
-    "{% endif %}"
+)
+# The same turns with each message's audio parts written after its text ("\nAudio k: …"): the question
+# comes before the clip, so a causal language model reads the clip already knowing what it is asked
+# (recipe key ``audio_position: last``; ``model.set_audio_position``).
+CHAT_TEMPLATE_AUDIO_LAST = _chat_template(
+    "{% for content in message['content'] %}"
+    "{% if not (" + _IS_AUDIO + ") and 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for content in message['content'] %}"
+    "{% if " + _IS_AUDIO + " %}{{ '\\n' }}" + _AUDIO_PART + "{% endif %}"  # (HF trims a newline after a tag)
+    "{% endfor %}"
 )
 
 

@@ -50,11 +50,13 @@ from transformers import TrainerCallback
 from .collate import EvaluatorCollator
 from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, sft_rows
 from .model import (
+    AUDIO_POSITIONS,
     MERGEABLE_PEFT,
     build_tiny_evaluator,
     load_evaluator,
     peft_config,
     save_evaluator,
+    set_audio_position,
     tiny_audio_config,
     tiny_text_config,
 )
@@ -76,6 +78,9 @@ def _check(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"target {cfg['target']!r}: expected one of {', '.join(TARGETS)}")
     if cfg["schedule"] not in SCHEDULES:
         raise ValueError(f"schedule {cfg['schedule']!r}: expected one of {', '.join(SCHEDULES)}")
+    if cfg["audio_position"] not in AUDIO_POSITIONS:
+        raise ValueError(f"audio_position {cfg['audio_position']!r}: expected first, last or \"\" (the base "
+                         "model's own chat template)")
 
 
 def device_of(cfg: Mapping[str, Any]) -> str:
@@ -170,6 +175,7 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
     else:
         base, processor = tiny_model(cfg)
         base.to(device)
+    set_audio_position(processor, str(cfg["audio_position"]))
     if method in MERGEABLE_PEFT:
         from peft import get_peft_model
 

@@ -34,6 +34,7 @@ import numpy as np
 import soundfile as sf
 from dramaturg.common.v1 import common_pb2
 from dramaturg.shared.grpc.errors import details_from_error, invalid_argument
+from dramaturg.shared.scoring import word_error_rate
 
 from .pipelines import (
     ANALYZE_SCENE,
@@ -212,17 +213,6 @@ async def rank_stage(ctx: StageContext) -> dict[str, Any]:
                                                                    for s in reply.scores}}
 
     return {"takes": await fan_out(ctx, ctx.inputs["synthesize"]["takes"], rank, "ranked take")}
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """WER after lower-casing and dropping punctuation (jiwer); 1.0 for an empty hypothesis."""
-    import jiwer
-
-    clean = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
-                           jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
-    if not hypothesis.strip():
-        return 1.0
-    return float(jiwer.wer(reference, hypothesis, reference_transform=clean, hypothesis_transform=clean))
 
 
 async def check_words_stage(ctx: StageContext) -> dict[str, Any]:

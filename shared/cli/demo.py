@@ -20,6 +20,7 @@ from dramaturg.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from dramaturg.shared.cli.jobs import audio_input, download_files, stage_table, watch_job
 from dramaturg.shared.config import dramaturg_home
 from dramaturg.shared.grpc.client import open_channel
+from dramaturg.shared.scoring import word_error_rate
 from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
@@ -386,6 +387,11 @@ def analyze_demo(gateway: str, token: str, speaker: str, corpus: Path, uri: str,
                       "[green]✓[/]" if ok else "[red]✗[/]", turn.get("text", ""),
                       "" if score is None else f"{score:.2f}")
     console.print(table)
+    transcripts = [turn.get("text", "") for turn in result.get("script", [])]
+    if any(transcripts):
+        said = " ".join(line["text"] for line in script_lines(corpus, uri))
+        console.print(f"transcripts: WER {word_error_rate(said, ' '.join(transcripts)):.1%} against the "
+                      "scene's script (every turn's transcript, in order, against every line)")
     for stage, reason in result.get("skipped_stages", {}).items():
         console.print(f"[yellow]{stage} skipped:[/] {reason}")
     if "transcription_model" in result or "evaluator_model" in result:
