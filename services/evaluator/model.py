@@ -216,6 +216,8 @@ def set_audio_position(processor: Qwen2AudioProcessor, position: str) -> None:
     way it was trained. Why ``last`` exists: with the clip first, a causal language model encodes the clip
     before it knows the dimension asked about, and only the few positions after the prompt can pick out
     that dimension's cue; with the clip last, every audio position already sees the question.
+    ``first`` / ``last`` replace the processor's template with this project's Qwen2-Audio-Instruct
+    layout (:data:`~.tokenizer.CHAT_TEMPLATE`, same output as the hub model's) or its audio-last twin.
     """
     if position not in AUDIO_POSITIONS:
         raise ValueError(f"audio_position {position!r}: expected first, last or \"\" (keep the model's)")
