@@ -8,7 +8,7 @@ UV        := $(VENV)/bin/uv
 DRAMATURG := $(VENV)/bin/dramaturg
 EXTRAS    ?= all,dev
 # chromium: the browser tests/test_gateway_console.py drives through Playwright (never a browser download)
-DEB_PKGS  := espeak-ng sox libsox-fmt-all ffmpeg libsndfile1 chromium
+DEB_PKGS  := espeak-ng sox libsox-fmt-all ffmpeg libsndfile1 chromium g++ python3-dev
 comma     := ,
 STAMP     := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 export DRAMATURG_HOME ?= $(CURDIR)/.dramaturg
@@ -21,7 +21,7 @@ help:  ## list the targets
 
 setup: debs $(STAMP)  ## create .venv, install Debian packages and the project
 
-debs:  ## install the Debian packages the synthetic corpus, audio decoding and the console browser test need
+debs:  ## install the Debian packages the synthetic corpus, audio decoding, the console browser test and DeepSpeed's JIT ops need
 	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

@@ -81,6 +81,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation": 1,
     "bf16": False,
     "gradient_checkpointing": False,
+    # DeepSpeed through the Trainer: "" off | zero1 | zero2 | zero3 (shared/training/zero_configs, in
+    # Speech-DRAME's ZeRO stages) | the path of a DeepSpeed JSON; ZeRO-3 gathers the weights to publish
+    "deepspeed": "",
     # --- LoRA (peft lora)
     "lora_r": 16,
     "lora_alpha": 32,

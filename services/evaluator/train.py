@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from dramaturg.shared.grpc.errors import ServiceError
-from dramaturg.shared.training import RunContext
+from dramaturg.shared.training import RunContext, zero
 from dramaturg.shared.training.hf_bridge import BRIDGE_ARGUMENTS, RunContextCallback, attach, resume_path
 from dramaturg.shared.training.selection import Monitor, publish_best
 from transformers import TrainerCallback
@@ -81,6 +81,7 @@ def _check(cfg: Mapping[str, Any]) -> None:
     if cfg["audio_position"] not in AUDIO_POSITIONS:
         raise ValueError(f"audio_position {cfg['audio_position']!r}: expected first, last or \"\" (the base "
                          "model's own chat template)")
+    zero.check(str(cfg["deepspeed"]), quantized=method == "qlora")
 
 
 def device_of(cfg: Mapping[str, Any]) -> str:
@@ -221,9 +222,10 @@ def merged_over_full_precision(model: Any, base: str) -> Any:
 
 def evaluator_writer(model: Any, processor: Any, *, qlora_base: str | None = None) -> Any:
     def write(folder: Path, metrics: Mapping[str, float]) -> None:
-        merged = merged_over_full_precision(model, qlora_base) if qlora_base else standalone(model)
-        with without_probe(merged):  # a training aid, never published
-            save_evaluator(merged, processor, folder)
+        with zero.gathered(model):  # ZeRO-3 holds a shard of each weight: merge and save whole ones
+            merged = merged_over_full_precision(model, qlora_base) if qlora_base else standalone(model)
+            with without_probe(merged):  # a training aid, never published
+                save_evaluator(merged, processor, folder)
 
     return write
 
@@ -350,7 +352,14 @@ def load_corpus(ctx: RunContext, cfg: Mapping[str, Any]) -> Corpus:
 def trainer_arguments(
     ctx: RunContext, cfg: Mapping[str, Any], batch_size: int, device: str
 ) -> dict[str, Any]:
-    """The TrainingArguments SFTConfig and GRPOConfig share (the bridge decides evaluation and saving)."""
+    """The TrainingArguments SFTConfig and GRPOConfig share (the bridge decides evaluation and saving).
+
+    ``deepspeed`` (zero1 | zero2 | zero3 | a JSON file) hands the optimisation to DeepSpeed through the
+    Trainer (shared/training/zero.py); its "auto" values come from these arguments.
+    """
+    deepspeed = zero.resolve(str(cfg["deepspeed"]))
+    if deepspeed is not None:
+        zero.single_process_group()
     return {
         "output_dir": str(ctx.run_dir / "hf-trainer"),
         "per_device_train_batch_size": batch_size,
@@ -370,6 +379,7 @@ def trainer_arguments(
         "use_cpu": device == "cpu",
         "bf16": bool(cfg["bf16"]),
         "gradient_checkpointing": bool(cfg["gradient_checkpointing"]),
+        **({"deepspeed": str(deepspeed)} if deepspeed is not None else {}),
         **BRIDGE_ARGUMENTS,
     }
 
@@ -425,7 +435,8 @@ def _train(ctx: RunContext, cfg: Mapping[str, Any], corpus: Corpus, model: Any, 
     trainable, total = count_parameters(model)
     ctx.log(f"{describe} ({cfg['peft']}) from {source}: {trainable:,} of {total:,} parameters trained, "
             f"{len(corpus.train)} training items, {len(corpus.heldout)} held-out items, "
-            f"{cfg['max_steps']} steps on {trainer.args.device}")
+            f"{cfg['max_steps']} steps on {trainer.args.device}"
+            + (f" with {zero.describe(trainer)}" if trainer.is_deepspeed_enabled else ""))
     if not corpus.heldout:
         ctx.log("no held-out item, so nothing to measure: the newest checkpoint is published", "WARNING")
     resume = previous[-1] if previous else None
@@ -528,6 +539,13 @@ def run_grpo(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     rows = grpo_rows(corpus.train, detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
     if not rows:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
+    deepspeed = zero.resolve(str(cfg["deepspeed"]))
+    if deepspeed is not None and zero.zero_stage(zero.load(deepspeed)) == 3 and cfg["lora_modules_to_save"]:
+        # TRL copies the adapter into a frozen "ref" adapter; ZeRO-3's gathered state dict then lacks the
+        # copy of modules_to_save, and the Trainer's checkpoint fails (TRL 1.16, peft 0.21)
+        raise ValueError("grpo with deepspeed ZeRO-3 cannot checkpoint lora_modules_to_save (TRL's reference "
+                         "adapter copy is missing from the gathered weights): set lora_modules_to_save: [] "
+                         "or use zero2")
     generations = int(cfg["num_generations"])
     batch_size = int(cfg["batch_size"])
     if generations < 2 or batch_size % generations:
