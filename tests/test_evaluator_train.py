@@ -384,3 +384,38 @@ def test_bad_deepspeed_settings_are_refused_before_training(
         RECIPES["sft"].run(ctx)
     ctx.close()
     assert not (ctx.run_dir / "hf-trainer").exists()
+
+
+def test_two_gloo_processes_with_zero2_train_what_one_process_trains(corpus: Path, tmp_path: Path) -> None:
+    """``nproc_per_node: 2`` and ``deepspeed: zero2``: the runner starts torchrun, DeepSpeed partitions the
+    optimizer state and gradients over two CPU processes (gloo), rank 0 alone scores and publishes — and
+    2 processes × batch 2 give the losses of one process with batch 4 (the same global batches)."""
+    overrides = {**RUN, "max_steps": 4, "eval_every": 2, "max_heldout_items": 2, "eval_at_start": False}
+    record = run_in_worker(tmp_path / "ddp", "sft", corpus,
+                           {**overrides, "batch_size": 2, "nproc_per_node": 2, "deepspeed": "zero2"}, "ddp")
+    logs = [e["message"] for e in events(record.run_dir, "log")]
+    assert any("in each of 2 processes with DeepSpeed ZeRO-2" in m for m in logs), logs
+    assert [m for m in logs if m.startswith("published model")] == ["published model ddp:v1"]
+    checkpoints = [e["checkpoint"]["step"] for e in events(record.run_dir, "checkpoint")]
+    assert checkpoints == [2, 4]
+    single = inline_context(tmp_path / "one", "sft", corpus, {**overrides, "batch_size": 4})
+    RECIPES["sft"].run(single)
+    single.close()
+    expected = metric_series(single.run_dir, "loss/train")
+    assert sorted(expected) == [2, 4]
+    assert metric_series(record.run_dir, "loss/train") == pytest.approx(expected, rel=1e-4)
+    scored = [e["step"] for e in events(record.run_dir, "metrics") if "heldout/mae" in e["values"]]
+    assert scored == [2, 4]  # rank 0 scored, once per evaluation
+
+
+def test_grpo_runs_on_two_gloo_processes(corpus: Path, tmp_path: Path) -> None:
+    """GRPO under torchrun: each group's completions are gathered across the processes (TRL), the audio
+    reaches every pass on each rank, rank 0 alone scores and publishes."""
+    overrides = {**RUN, "max_steps": 2, "eval_every": 2, "max_heldout_items": 1, "eval_at_start": False,
+                 "lr": 1e-5, "num_generations": 2, "batch_size": 2, "lora_modules_to_save": [],
+                 "nproc_per_node": 2}
+    record = run_in_worker(tmp_path, "grpo", corpus, overrides, "grpo-ddp")
+    logs = [e["message"] for e in events(record.run_dir, "log")]
+    assert any("in each of 2 processes" in m for m in logs), logs
+    assert [m for m in logs if m.startswith("published model")] == ["published model grpo-ddp:v1"]
+    assert sorted(metric_series(record.run_dir, "loss/train")) == [2]

@@ -98,6 +98,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     # --- system
     "device": "auto",  # auto | cpu | cuda
     "torch_threads": 0,  # CPU threads for torch (0: torch's default)
+    # data-parallel processes (GPUs, or CPU processes over gloo): the runner starts the attempt under
+    # torchrun (shared/training/distributed.py); batch_size is per process; rank 0 scores and publishes
+    "nproc_per_node": 1,
     "seed": 0,
 }
 

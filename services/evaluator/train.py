@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from dramaturg.shared.grpc.errors import ServiceError
-from dramaturg.shared.training import RunContext, zero
+from dramaturg.shared.training import RunContext, distributed, zero
 from dramaturg.shared.training.hf_bridge import BRIDGE_ARGUMENTS, RunContextCallback, attach, resume_path
 from dramaturg.shared.training.selection import Monitor, publish_best
 from transformers import TrainerCallback
@@ -81,13 +82,16 @@ def _check(cfg: Mapping[str, Any]) -> None:
     if cfg["audio_position"] not in AUDIO_POSITIONS:
         raise ValueError(f"audio_position {cfg['audio_position']!r}: expected first, last or \"\" (the base "
                          "model's own chat template)")
-    zero.check(str(cfg["deepspeed"]), quantized=method == "qlora")
+    zero.check(str(cfg["deepspeed"]), processes=int(cfg["nproc_per_node"]), quantized=method == "qlora")
 
 
 def device_of(cfg: Mapping[str, Any]) -> str:
+    """The run's device; each process of a data-parallel run on GPUs takes its own (``LOCAL_RANK``)."""
     wanted = str(cfg.get("device", "auto"))
     if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and distributed.is_distributed():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return wanted
 
 
@@ -165,7 +169,8 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        source = base_folder(ctx, cfg)
+        with distributed.primary_first():  # a from-scratch base is written once, by rank 0
+            source = base_folder(ctx, cfg)
         device_map = {"": torch.device(device).index or 0} if device.startswith("cuda") else None
         base, processor = load_evaluator(source, quantization_config=quantization_config(cfg),
                                          device_map=device_map)
@@ -436,6 +441,7 @@ def _train(ctx: RunContext, cfg: Mapping[str, Any], corpus: Corpus, model: Any, 
     ctx.log(f"{describe} ({cfg['peft']}) from {source}: {trainable:,} of {total:,} parameters trained, "
             f"{len(corpus.train)} training items, {len(corpus.heldout)} held-out items, "
             f"{cfg['max_steps']} steps on {trainer.args.device}"
+            + (f" in each of {distributed.world_size()} processes" if distributed.is_distributed() else "")
             + (f" with {zero.describe(trainer)}" if trainer.is_deepspeed_enabled else ""))
     if not corpus.heldout:
         ctx.log("no held-out item, so nothing to measure: the newest checkpoint is published", "WARNING")
@@ -445,6 +451,9 @@ def _train(ctx: RunContext, cfg: Mapping[str, Any], corpus: Corpus, model: Any, 
     elif corpus.heldout and cfg["eval_at_start"]:
         bridge.evaluate(0, 0.0)  # before train() seeds the Trainer: scoring does not shift its RNG
     trainer.train(resume_from_checkpoint=resume_path(resume.path) if resume is not None else None)
+    distributed.barrier()  # every rank is done with the Trainer's scratch folder
+    if not ctx.is_primary:
+        return
     shutil.rmtree(ctx.run_dir / "hf-trainer", ignore_errors=True)
     if ctx.cancelled():
         ctx.log("stopped before the end; nothing published", "WARNING")
