@@ -546,3 +546,89 @@ def test_grpo_trainer_accepts_the_model(tiny):
             processing_class=processor,
             peft_config=evaluator.lora_config(rank=4),
         )
+
+
+# ------------------------------------------------------------------------------------- prompt tuning
+
+
+@pytest.fixture()
+def prompt_tuned(tiny):
+    """The tiny evaluator with a 6-token soft prompt (moved off peft's random init so it matters)."""
+    from peft import get_peft_model
+
+    model, processor = tiny
+    tuned = get_peft_model(copy.deepcopy(model), evaluator.peft_config("prompt", virtual_tokens=6))
+    with torch.no_grad():
+        tuned.prompt_encoder["default"].embedding.weight.mul_(5.0)
+    tuned.eval()
+    return evaluator.hear_through_prompt_tuning(tuned), processor
+
+
+def _answer_row(processor, item, dimension: str, audio: np.ndarray) -> dict[str, torch.Tensor]:
+    prompt = prompts.item_prompt(item, dimension, detailed=False)
+    row = {"prompt": prompt, "completion": "<answer>3</answer>", "audio": audio}
+    return EvaluatorCollator(processor)([row])
+
+
+def test_stock_prompt_tuning_is_deaf_and_the_hook_makes_it_hear(tiny, items):
+    """peft's prompt tuning hands Qwen2-Audio ``inputs_embeds``, and Qwen2-Audio then drops the audio
+    without a word (transformers 5.23, peft 0.21): this test keeps that observation honest. With
+    :func:`hear_through_prompt_tuning` the audio is in the embeddings the soft prompt is put before."""
+    from peft import get_peft_model
+
+    model, processor = tiny
+    stock = get_peft_model(copy.deepcopy(model), evaluator.peft_config("prompt", virtual_tokens=6)).eval()
+    first = _answer_row(processor, items["role"], "pitch_variation", _clip(1.5, seed=0))
+    second = {**first, "input_features": first["input_features"] * 0.0 + 0.5}
+    with torch.no_grad():
+        assert torch.equal(stock(**first).logits, stock(**second).logits)  # deaf
+        evaluator.hear_through_prompt_tuning(stock)
+        heard_first, heard_second = stock(**first).logits, stock(**second).logits
+    assert heard_first.shape[1] == first["input_ids"].shape[1] + 6  # the soft prompt's positions first
+    assert not torch.allclose(heard_first, heard_second, atol=1e-4)
+    # with the hook, the text after the soft prompt is what the plain model sees: its embeddings, audio in
+    embeds = evaluator.audio_inputs_embeds(model, first["input_ids"], first["input_features"],
+                                           first["feature_attention_mask"])
+    with torch.no_grad():
+        plain = model(input_ids=first["input_ids"], input_features=first["input_features"],
+                      feature_attention_mask=first["feature_attention_mask"],
+                      attention_mask=first["attention_mask"]).logits
+        from_embeds = model(inputs_embeds=embeds, attention_mask=first["attention_mask"]).logits
+    torch.testing.assert_close(from_embeds, plain, atol=BATCH_TOLERANCE, rtol=0)
+
+
+def test_scoring_a_prompt_tuned_model_reads_what_its_forward_predicts(prompt_tuned, items):
+    """The service's scoring path (soft prompt put before the left-padded rows) gives the digit
+    distribution that peft's own forward predicts after ``<answer>``, alone and in a batch."""
+    model, processor = prompt_tuned
+    audio = _clip(1.5, seed=3)
+    item = items["role"]
+    dimensions = ["pitch_variation", "rhythmic_naturalness", "dynamic_range"]
+    scored = scoring.score_item(model, processor, audio, item, dimensions=dimensions, detailed=False)
+    digits = scoring.digit_token_ids(processor.tokenizer)
+    for dimension in dimensions:
+        row = _answer_row(processor, item, dimension, audio)
+        with torch.no_grad():
+            logits = model(**row).logits[0]
+        ids = row["input_ids"][0].tolist()
+        digit_at = next(i for i in range(len(ids) - 1, -1, -1) if ids[i] in digits)
+        expected = scoring.score_logits(logits[6 + digit_at - 1][None], digits)
+        torch.testing.assert_close(torch.tensor(scored[dimension].distribution), expected.distribution[0],
+                                   atol=BATCH_TOLERANCE, rtol=0)
+    other = scoring.score_item(model, processor, _clip(2.5, seed=4), item, dimensions=dimensions,
+                               detailed=False)
+    assert any(abs(other[d].score - scored[d].score) > 1e-4 for d in dimensions)  # it hears the clip
+
+
+def test_a_prompt_tuned_model_round_trips_as_base_plus_soft_prompt(prompt_tuned, items, tmp_path: Path):
+    model, processor = prompt_tuned
+    folder = evaluator.save_evaluator(model, processor, tmp_path / "prompt")
+    assert (folder / evaluator.PROMPT_ADAPTER_DIR / "adapter_config.json").is_file()
+    assert (folder / "config.json").is_file()  # the frozen base beside it
+    loaded, loaded_processor = evaluator.load_evaluator(folder)
+    assert evaluator.virtual_tokens(loaded) == 6
+    audio = _clip(1.5, seed=5)
+    before = scoring.score_item(model, processor, audio, items["role"], detailed=False)
+    after = scoring.score_item(loaded, loaded_processor, audio, items["role"], detailed=False)
+    for dimension, score in before.items():
+        assert after[dimension].score == pytest.approx(score.score, abs=1e-6)

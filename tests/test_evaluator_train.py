@@ -118,8 +118,8 @@ def test_recipes_and_presets_are_valid() -> None:
     assert (PRESETS_DIR / "cpu-quick.yaml").is_file() and RECIPES["cpu-quick"].defaults["device"] == "cpu"
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_prompt_learning_methods_are_refused(method: str, corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["prefix"])
+def test_prefix_tuning_is_refused(method: str, corpus: Path, tmp_path: Path) -> None:
     ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "peft": method})
     with pytest.raises(ValueError, match="not implemented"):
         RECIPES["sft"].run(ctx)

@@ -75,6 +75,7 @@ from transformers import (
     Qwen2Config,
     WhisperFeatureExtractor,
 )
+from transformers.masking_utils import create_bidirectional_mask
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,78 @@ def unwrap(model: nn.Module) -> Qwen2AudioForConditionalGeneration:
     return base
 
 
+def project_audio(model: nn.Module, input_features: torch.Tensor,
+                  feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Encoder + projector on a batch of mel features, as ``Qwen2AudioModel.forward`` runs them (each clip
+    its own padding mask): one (tokens, hidden) tensor per clip, its padding dropped. Gradients flow
+    if enabled."""
+    inner = unwrap(model).model
+    tower = inner.audio_tower
+    input_features = input_features.to(tower.device)
+    frames = feature_attention_mask.to(tower.device).sum(-1)
+    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(frames)
+    positions = (input_features.shape[-1] - 2) // 2 + 1
+    frame_mask = (torch.arange(positions, device=tower.device)[None, :] < conv_lengths[:, None]).long()
+    dtype = inner.get_input_embeddings().weight.dtype
+    attention = create_bidirectional_mask(
+        config=tower.config,
+        inputs_embeds=torch.zeros((input_features.shape[0], positions, 1), dtype=dtype, device=tower.device),
+        attention_mask=frame_mask,
+    )
+    hidden = tower(input_features.to(dtype), attention_mask=attention).last_hidden_state
+    projected = inner.multi_modal_projector(hidden)
+    return [projected[i, : int(token_lengths[i])] for i in range(input_features.shape[0])]
+
+
+def audio_inputs_embeds(model: nn.Module, input_ids: torch.Tensor, input_features: torch.Tensor,
+                        feature_attention_mask: torch.Tensor) -> torch.Tensor:
+    """The token embeddings of ``input_ids`` with each clip's projected audio written over its
+    ``<|AUDIO|>`` positions: what Qwen2-Audio's forward builds before its language model runs."""
+    base = unwrap(model)
+    embeds = base.get_input_embeddings()(input_ids)
+    audio = torch.cat(project_audio(model, input_features, feature_attention_mask)).to(embeds.dtype)
+    positions = input_ids == int(base.config.audio_token_id)
+    if int(positions.sum()) != audio.shape[0]:
+        raise ValueError(f"{int(positions.sum())} audio tokens in the text, {audio.shape[0]} audio frames")
+    return embeds.masked_scatter(positions[..., None], audio)
+
+
+def virtual_tokens(model: nn.Module) -> int:
+    """How many learnt prompt embeddings a prompt-tuned model puts before every input (0: none)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    return int(config.num_virtual_tokens)
+
+
+def _audio_before_prompt_tuning(module: nn.Module, args: tuple[Any, ...],
+                                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    features = kwargs.get("input_features")
+    if features is None or kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None:
+        return args, kwargs
+    mask = kwargs.pop("feature_attention_mask")
+    kwargs.pop("input_features")
+    kwargs["inputs_embeds"] = audio_inputs_embeds(module, kwargs.pop("input_ids"), features, mask)
+    kwargs["input_ids"] = None
+    return args, kwargs
+
+
+def hear_through_prompt_tuning(model: nn.Module) -> nn.Module:
+    """Make a prompt-tuned Qwen2-Audio hear its audio; returns ``model``.
+
+    peft's prompt tuning hands the base model ``inputs_embeds`` (the soft prompt, then the text's
+    embeddings), and Qwen2-Audio's forward writes the audio into its embeddings only when it builds
+    them from ``input_ids`` itself: given ``inputs_embeds`` it drops ``input_features`` without a word
+    (transformers 5.23, peft 0.21) — a silently audio-blind model. A forward pre-hook on the peft model
+    writes the audio in first (:func:`audio_inputs_embeds`), so peft prepends the soft prompt to
+    embeddings that hold it. A test checks that the audio changes the scores.
+    """
+    if not getattr(model, "_hears_through_prompt_tuning", False):
+        model.register_forward_pre_hook(_audio_before_prompt_tuning, with_kwargs=True)
+        model._hears_through_prompt_tuning = True
+    return model
+
+
 # ------------------------------------------------------------------------------------------ builders
 
 
@@ -270,10 +343,15 @@ def build_tiny_evaluator(
 def save_evaluator(
     model: Qwen2AudioForConditionalGeneration, processor: Qwen2AudioProcessor, folder: str | Path
 ) -> Path:
-    """``save_pretrained`` the model and the processor into one folder."""
+    """``save_pretrained`` the model and the processor into one folder (a prompt-tuned model: the base,
+    and its soft prompt in :data:`PROMPT_ADAPTER_DIR`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    if virtual_tokens(model):  # the frozen base, then the soft prompt beside it
+        unwrap(model).save_pretrained(str(folder))
+        model.save_pretrained(str(folder / PROMPT_ADAPTER_DIR))
+    else:
+        model.save_pretrained(str(folder))
     reset_padding_state(processor.tokenizer)
     processor.save_pretrained(str(folder))
     return folder
@@ -287,6 +365,8 @@ def load_evaluator(
     **from_pretrained_kwargs: Any,
 ) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
     """Model and processor from a folder (:func:`save_evaluator`'s, or a hub snapshot); model in eval mode.
+
+    A folder with a soft prompt (``prompt_tuning/``) comes back as the peft model around its base.
 
     Checks the processor's window against the encoder's and makes sure ``image_token_id`` is set (a
     hub checkpoint does not have it).
@@ -303,6 +383,11 @@ def load_evaluator(
     # the encoder's position table is frozen by its __init__ but comes back trainable from from_pretrained
     model.model.audio_tower.embed_positions.requires_grad_(False)
     check_window(model, processor)
+    soft_prompt = Path(source) / PROMPT_ADAPTER_DIR
+    if (soft_prompt / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = hear_through_prompt_tuning(PeftModel.from_pretrained(model, str(soft_prompt)))
     if device is not None:
         model.to(device)
     model.eval()
@@ -379,6 +464,11 @@ IA3_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(k|v)_pro
 IA3_FEEDFORWARD_MODULES = r"model\.language_model\.layers\.\d+\.mlp\.down_proj"
 # peft methods whose adapters merge into the weights (a standalone folder, no peft at serving time)
 MERGEABLE_PEFT = ("lora", "qlora", "adalora", "ia3")
+# Prompt tuning (Lester et al. 2021): learnt virtual-token embeddings before every prompt, the model
+# frozen. Nothing to merge, so the published folder is the base model plus the soft prompt in
+# PROMPT_ADAPTER_DIR, which :func:`load_evaluator` wraps back with peft.
+PROMPT_TUNING = "prompt"
+PROMPT_ADAPTER_DIR = "prompt_tuning"
 
 
 def adalora_schedule(total_steps: int) -> dict[str, int]:
@@ -400,16 +490,20 @@ def peft_config(
     dropout: float = PRODUCTION_PRESET.lora_dropout,
     total_steps: int = 0,
     modules_to_save: list[str] | None = None,
+    virtual_tokens: int = 20,
 ) -> Any:
-    """The peft config of a method (``lora``/``qlora`` | ``adalora`` | ``ia3``), language model only.
+    """The peft config of a method (``lora``/``qlora`` | ``adalora`` | ``ia3`` | ``prompt``), language
+    model only. ``prompt``: ``virtual_tokens`` learnt embeddings before every prompt (random init).
 
     ``qlora`` is LoRA over a 4-bit base (the quantisation is the loader's job, not the config's).
     AdaLoRA starts every adapter at 1.5 × ``rank`` and prunes the budget down to ``rank`` over
     ``total_steps`` (:func:`adalora_schedule`); it needs ``update_and_allocate`` after each optimizer
     step (the recipe's callback does it).
     """
-    from peft import AdaLoraConfig, IA3Config
+    from peft import AdaLoraConfig, IA3Config, PromptTuningConfig
 
+    if method == PROMPT_TUNING:
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(virtual_tokens))
     if method in ("lora", "qlora"):
         config = lora_config(rank, alpha, dropout)
     elif method == "adalora":
@@ -429,7 +523,7 @@ def peft_config(
             task_type="CAUSAL_LM",
         )
     else:
-        raise ValueError(f"peft {method!r}: expected one of {', '.join(MERGEABLE_PEFT)}")
+        raise ValueError(f"peft {method!r}: expected one of {', '.join((*MERGEABLE_PEFT, PROMPT_TUNING))}")
     config.modules_to_save = list(modules_to_save) if modules_to_save else None
     return config
 

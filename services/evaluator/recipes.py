@@ -9,10 +9,11 @@ answer ``<answer>N</answer>`` to one-dimension prompts, on the corpus's Speech-D
   frozen): ``lora`` (peft LoRA on the attention and MLP projections), ``qlora`` (the same LoRA over a
   4-bit NF4 base, bitsandbytes), ``adalora`` (LoRA whose rank budget is pruned from 1.5 × ``lora_r``
   to ``lora_r`` during the run), ``ia3`` (learnt scales on keys, values and the MLP's down projection)
-  or ``full`` (every weight but the encoder's frozen position table). ``prefix`` and ``prompt``
-  (prompt-learning methods) are refused by name: their virtual tokens cannot be merged into the
-  weights, and this service publishes standalone merged models and scores without peft (see
-  README's design notes). ``target`` picks each row's answer: ``per_rater`` (one rater's score
+  ``prompt`` (``prompt_tokens`` learnt embeddings before every prompt, the model frozen; published as
+  the base plus its soft prompt, which the loader wraps back with peft) or ``full`` (every weight but
+  the encoder's frozen position table). ``prefix`` tuning is refused by name (README's design notes:
+  Qwen2-Audio computes its loss with an attention mask that peft's prefix lengthens). ``target``
+  picks each row's answer: ``per_rater`` (one rater's score
   drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). Training aids for
   the random tiny model (``probe.py``): ``probe_weight`` > 0 (``peft: full``) adds the score probe's
   loss on the audio tokens, ``contour_weight`` > 0 (``peft: full``) its per-token pitch / voicing /
@@ -43,9 +44,9 @@ from typing import Any
 from dramaturg.shared.training.presets import LazyRecipe, presets_dir, recipes_with_presets
 
 PRESETS_DIR = presets_dir(__file__)
-PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "full")
-# Speech-DRAME's prompt-learning methods: named so a config gets a reason, refused when a run starts
-PLANNED_PEFT_METHODS = ("prefix", "prompt")
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prompt", "full")
+# Speech-DRAME's prefix tuning: named so a config gets a reason, refused when a run starts
+PLANNED_PEFT_METHODS = ("prefix",)
 TARGETS = ("per_rater", "mean")
 ITEM_SETS = ("realism", "archetype", "both")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -91,6 +92,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     # modules trained in full beside the adapters (peft ``modules_to_save``): the random tiny model needs
     # ["lm_head"] (its head caps the logits; LoRA alone plateaus near ln(vocab)); [] for a pretrained one
     "lora_modules_to_save": [],
+    # --- prompt tuning (peft prompt): learnt virtual tokens before every prompt
+    "prompt_tokens": 20,
     # --- evaluation and checkpoints
     "eval_every": 50,
     "eval_at_start": True,  # score the model before training (step 0)

@@ -34,7 +34,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from dramaturg.services.evaluator.model import SAMPLE_RATE, check_window, unwrap
+from dramaturg.services.evaluator.model import (
+    SAMPLE_RATE,
+    check_window,
+    project_audio,
+    unwrap,
+    virtual_tokens,
+)
 from dramaturg.services.evaluator.prompts import (
     ANSWER_OPEN,
     SCORES,
@@ -44,7 +50,6 @@ from dramaturg.services.evaluator.prompts import (
 )
 from torch import nn
 from transformers import Qwen2AudioProcessor
-from transformers.masking_utils import create_bidirectional_mask
 
 
 class ScoreTensors(NamedTuple):
@@ -135,23 +140,9 @@ def encode_audios(
     padded to the window, its own padding mask); gradients flow if enabled (the scoring functions below
     turn them off). A clip's encoding does not depend on the others in the batch, within float error."""
     check_window(model, processor)
-    inner = unwrap(model).model
-    tower = inner.audio_tower
     features = audio_features(processor, audios)
-    input_features = features["input_features"].to(tower.device)
-    frames = features["feature_attention_mask"].to(tower.device).sum(-1)
-    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(frames)
-    positions = (input_features.shape[-1] - 2) // 2 + 1
-    frame_mask = (torch.arange(positions, device=tower.device)[None, :] < conv_lengths[:, None]).long()
-    dtype = inner.get_input_embeddings().weight.dtype
-    attention = create_bidirectional_mask(
-        config=tower.config,
-        inputs_embeds=torch.zeros((len(audios), positions, 1), dtype=dtype, device=tower.device),
-        attention_mask=frame_mask,
-    )
-    hidden = tower(input_features.to(dtype), attention_mask=attention).last_hidden_state
-    projected = inner.multi_modal_projector(hidden)
-    return [AudioEncoding(projected[i, : int(token_lengths[i])]) for i in range(len(audios))]
+    projected = project_audio(model, features["input_features"], features["feature_attention_mask"])
+    return [AudioEncoding(tokens) for tokens in projected]
 
 
 def encode_audio(model: nn.Module, processor: Qwen2AudioProcessor, audio: np.ndarray) -> AudioEncoding:
@@ -219,6 +210,15 @@ def embed_prompts(
     # masked_scatter fills the audio positions row by row: the rows' encodings, in row order
     source = torch.cat([enc.embeds.to(device, embeds.dtype) for enc in encodings])
     embeds = embeds.masked_scatter(audio_positions[..., None], source)
+    soft = virtual_tokens(model)
+    if soft:  # a prompt-tuned model: its soft prompt first, where peft puts it (before the padding too)
+        prompt = model.get_prompt(batch_size=input_ids.shape[0]).to(device, embeds.dtype)
+        embeds = torch.cat([prompt, embeds], dim=1)
+        pad = int(processor.tokenizer.pad_token_id)
+        input_ids = torch.cat([torch.full((input_ids.shape[0], soft), pad, dtype=input_ids.dtype,
+                                          device=device), input_ids], dim=1)
+        attention_mask = torch.cat([torch.ones((input_ids.shape[0], soft), dtype=attention_mask.dtype,
+                                               device=device), attention_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return {
         "input_ids": input_ids,

@@ -53,13 +53,16 @@ from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, 
 from .model import (
     AUDIO_POSITIONS,
     MERGEABLE_PEFT,
+    PROMPT_TUNING,
     build_tiny_evaluator,
+    hear_through_prompt_tuning,
     load_evaluator,
     peft_config,
     save_evaluator,
     set_audio_position,
     tiny_audio_config,
     tiny_text_config,
+    virtual_tokens,
 )
 from .probe import ProbedSFTTrainer, attach_probe, without_probe
 from .prompts import PROMPTS_LABEL, item_dimensions, item_prompt, prompt_style
@@ -72,7 +75,8 @@ MONITOR = Monitor(MONITORED, "max")
 def _check(cfg: Mapping[str, Any]) -> None:
     method = str(cfg["peft"])
     if method in PLANNED_PEFT_METHODS:
-        raise ValueError(f"peft {method!r} is not implemented yet: use one of {', '.join(PEFT_METHODS)}")
+        raise ValueError(f"peft {method!r} is not implemented yet (Qwen2-Audio's loss reads an attention "
+                         f"mask that peft's prefix lengthens): use one of {', '.join(PEFT_METHODS)}")
     if method not in PEFT_METHODS:
         raise ValueError(f"peft {method!r}: expected one of {', '.join(PEFT_METHODS)}")
     if cfg["target"] not in TARGETS:
@@ -178,11 +182,14 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
     elif source:
         base, processor = load_evaluator(source, dtype=dtype, device=device)
+        if virtual_tokens(base):
+            raise ValueError(f"base model {source} is prompt-tuned (a soft prompt over a frozen base): train "
+                             "from the model it was tuned from, or from a merged one")
     else:
         base, processor = tiny_model(cfg)
         base.to(device)
     set_audio_position(processor, str(cfg["audio_position"]))
-    if method in MERGEABLE_PEFT:
+    if method in (*MERGEABLE_PEFT, PROMPT_TUNING):
         from peft import get_peft_model
 
         with torch.random.fork_rng(devices=[]):
@@ -194,8 +201,11 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
                 dropout=float(cfg["lora_dropout"]),
                 total_steps=int(cfg["max_steps"]),
                 modules_to_save=[str(m) for m in cfg["lora_modules_to_save"]],
+                virtual_tokens=int(cfg["prompt_tokens"]),
             )
             model = get_peft_model(base, config)
+        if method == PROMPT_TUNING:
+            hear_through_prompt_tuning(model)
     else:
         model = base
     model.train()
@@ -203,8 +213,9 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
 
 
 def standalone(model: Any) -> Any:
-    """The model as :func:`load_evaluator` reads it: a copy with the adapter merged in, or the model."""
-    if hasattr(model, "merge_and_unload"):
+    """The model as :func:`load_evaluator` reads it: a copy with the adapter merged in, or the model
+    (a prompt-tuned one is saved as its base and its soft prompt)."""
+    if not virtual_tokens(model) and hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     return model
 
@@ -484,6 +495,11 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
     weights = {name: float(cfg.get(name, 0.0)) for name in ("probe_weight", "contour_weight", "score_weight")}
     probed = weights["probe_weight"] > 0 or weights["contour_weight"] > 0
+    group_by_clip = bool(cfg.get("group_by_clip", False))
+    if cfg["peft"] == PROMPT_TUNING and (group_by_clip or any(w > 0 for w in weights.values())):
+        raise ValueError("the training aids (probe_weight, contour_weight, score_weight, group_by_clip) read "
+                         "the language model's positions, which a soft prompt shifts: use them with lora or "
+                         "full, or set them to 0 / false for peft: prompt")
     if probed and (cfg["peft"] != "full" or not corpus.dimensions):
         raise ValueError("probe_weight / contour_weight > 0 train the audio encoder through a probe: "
                          "they need peft: full (the other methods keep the encoder frozen) and the run's "
@@ -491,7 +507,6 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     model, processor, source = build_model(ctx, cfg, device)
     if probed:
         attach_probe(model, corpus.dimensions)
-    group_by_clip = bool(cfg.get("group_by_clip", False))
     aided = group_by_clip or any(weight > 0 for weight in weights.values())
     # the aids' losses need each row's reference score (and dimension) in the batch
     references = list(corpus.dimensions or dict.fromkeys(str(row["dimension"]) for row in rows))
@@ -541,6 +556,9 @@ def run_grpo(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     from .grpo import AudioGRPOTrainer, reward_functions
 
     cfg = dict(ctx.config if cfg is None else cfg)
+    if cfg["peft"] == PROMPT_TUNING:
+        raise ValueError("grpo with peft: prompt is not supported (the GRPO passes read the language model's "
+                         "positions, which a soft prompt shifts): use lora, ia3 or full")
     corpus, device = _prepare(ctx, cfg)
     rewards = reward_functions([str(r) for r in cfg["rewards"]])
     if cfg["reward_weights"] and len(cfg["reward_weights"]) != len(rewards):
