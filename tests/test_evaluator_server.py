@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from dramaturg.common.v1 import common_pb2
 from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from dramaturg.services.evaluator.config import EvaluatorSettings
@@ -356,5 +357,44 @@ def test_a_model_is_prompted_in_the_style_it_was_trained_on(dramaturg_home: Path
         check_equal(reply, in_process(dramaturg_home, QUANTISED, ITEM, some, detailed=False), some)
         detailed = in_process(dramaturg_home, QUANTISED, ITEM, some, detailed=True)
         assert any(abs(s.score - detailed[s.dimension].score) > 1e-4 for s in reply.scores)
+    finally:
+        running.stop()
+
+
+def publish_prompt_tuned(home: Path, name: str = "tiny") -> None:
+    """The tiny evaluator with a soft prompt (``peft: prompt``'s published layout: base + prompt_tuning/)."""
+    from dramaturg.services.evaluator.model import (
+        build_tiny_evaluator,
+        hear_through_prompt_tuning,
+        peft_config,
+        save_evaluator,
+    )
+    from peft import get_peft_model
+
+    model, processor = build_tiny_evaluator(seed=0)
+    tuned = hear_through_prompt_tuning(get_peft_model(model, peft_config("prompt", virtual_tokens=6)))
+    with torch.no_grad():
+        tuned.prompt_encoder["default"].embedding.weight.mul_(5.0)
+    store = ModelStore(home)
+    with store.create_version("evaluator", name, architecture="qwen2-audio", base_model="", recipe="test",
+                              labels={"peft": "prompt"}) as staging:
+        save_evaluator(tuned, processor, Path(staging))
+    store.set_default("evaluator", name)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_prompt_tuned_model_is_served_with_its_soft_prompt(dramaturg_home: Path, batched: bool) -> None:
+    """A ``peft: prompt`` model serves alone and in batches, scoring as in process; its soft prompt
+    counts (the scores differ from the base's)."""
+    publish_tiny(dramaturg_home, name="base")
+    publish_prompt_tuned(dramaturg_home)
+    running = Served(dramaturg_home, batching=batched)
+    try:
+        some = ["emotion_accuracy", "pitch_variation"]
+        reply = running.stub.Evaluate(request(dimensions=some), timeout=60)
+        check_equal(reply, in_process(dramaturg_home, QUANTISED, ITEM, some), some)
+        base = running.stub.Evaluate(request(dimensions=some, model=common_pb2.ModelRef(name="base")),
+                                     timeout=60)
+        assert any(abs(a.score - b.score) > 1e-4 for a, b in zip(reply.scores, base.scores, strict=True))
     finally:
         running.stop()

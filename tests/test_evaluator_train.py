@@ -419,3 +419,48 @@ def test_grpo_runs_on_two_gloo_processes(corpus: Path, tmp_path: Path) -> None:
     assert any("in each of 2 processes" in m for m in logs), logs
     assert [m for m in logs if m.startswith("published model")] == ["published model grpo-ddp:v1"]
     assert sorted(metric_series(record.run_dir, "loss/train")) == [2]
+
+
+def test_prompt_tuning_trains_a_soft_prompt_over_the_frozen_model(corpus: Path, tmp_path: Path) -> None:
+    """``peft: prompt``: only the virtual tokens train; the published folder is the untouched base plus
+    the soft prompt, which the loader wraps back with peft and which reproduces its held-out metrics."""
+    from dramaturg.services.evaluator.data import load_clips
+    from dramaturg.services.evaluator.train import heldout_metrics
+
+    overrides = {**RUN, "peft": "prompt", "prompt_tokens": 8, "lr": 0.3, "max_steps": 20, "eval_every": 10,
+                 "max_heldout_items": 2, "lora_modules_to_save": []}
+    ctx = inline_context(tmp_path, "sft", corpus, overrides, output_model="evaluator-prompt")
+    RECIPES["sft"].run(ctx)
+    ctx.close()
+    logs = [e["message"] for e in events(ctx.run_dir, "log")]
+    assert any("(prompt) from tiny: 512 of" in m for m in logs), logs  # 8 tokens × width 64
+    loss = metric_series(ctx.run_dir, "loss/train")
+    steps = sorted(loss)
+    # the random tiny head caps the logits near ln(vocab): a soft prompt alone moves the loss a little
+    assert all(math.isfinite(v) for v in loss.values()) and loss[steps[-1]] < loss[steps[0]] - 0.02
+    record = ModelStore(tmp_path).resolve(SERVICE, "evaluator-prompt")
+    assert record.labels["peft"] == "prompt"
+    model, processor = evaluator.load_evaluator(record.path)
+    assert evaluator.virtual_tokens(model) == 8
+    base, _ = evaluator.build_tiny_evaluator(seed=0)
+    for name, param in evaluator.unwrap(model).named_parameters():  # the base stayed frozen
+        assert torch.equal(param, base.get_parameter(name)), name
+    folder = evaluator_dir(corpus)
+    heldout = load_split(folder, "realism", "test")[:2]
+    again = heldout_metrics(model, processor, heldout, load_clips(folder, heldout), detailed=False,
+                            dimensions=DIMENSIONS)
+    assert again["heldout/mae"] == pytest.approx(record.metrics["heldout/mae"], abs=1e-5)
+
+
+@pytest.mark.parametrize(("recipe", "overrides", "message"), [
+    ("sft", {"peft": "prompt", "score_weight": 1.0}, "a soft prompt shifts"),
+    ("sft", {"peft": "prompt", "group_by_clip": True}, "a soft prompt shifts"),
+    ("grpo", {"peft": "prompt", "num_generations": 2}, "grpo with peft: prompt is not supported"),
+])
+def test_what_prompt_tuning_cannot_do_is_refused(
+    recipe: str, overrides: dict[str, Any], message: str, corpus: Path, tmp_path: Path
+) -> None:
+    ctx = inline_context(tmp_path, recipe, corpus, {**RUN, **overrides})
+    with pytest.raises(ValueError, match=message):
+        RECIPES[recipe].run(ctx)
+    ctx.close()
