@@ -551,13 +551,14 @@ def test_grpo_trainer_accepts_the_model(tiny):
 # ------------------------------------------------------------------------------------- prompt tuning
 
 
-@pytest.fixture()
-def prompt_tuned(tiny):
-    """The tiny evaluator with a 6-token soft prompt (moved off peft's random init so it matters)."""
+@pytest.fixture(params=["prompt", "prefix"])
+def prompt_tuned(tiny, request):
+    """The tiny evaluator with 6 learnt embeddings (prompt) or keys and values (prefix), moved off peft's
+    random init so they matter."""
     from peft import get_peft_model
 
     model, processor = tiny
-    tuned = get_peft_model(copy.deepcopy(model), evaluator.peft_config("prompt", virtual_tokens=6))
+    tuned = get_peft_model(copy.deepcopy(model), evaluator.peft_config(request.param, virtual_tokens=6))
     with torch.no_grad():
         tuned.prompt_encoder["default"].embedding.weight.mul_(5.0)
     tuned.eval()
@@ -598,9 +599,10 @@ def test_stock_prompt_tuning_is_deaf_and_the_hook_makes_it_hear(tiny, items):
 
 
 def test_scoring_a_prompt_tuned_model_reads_what_its_forward_predicts(prompt_tuned, items):
-    """The service's scoring path (soft prompt put before the left-padded rows) gives the digit
-    distribution that peft's own forward predicts after ``<answer>``, alone and in a batch."""
+    """The service's scoring path (soft prompt or prefix put before the left-padded rows) gives the digit
+    distribution that peft's own forward predicts after ``<answer>``, three prompts in one batch."""
     model, processor = prompt_tuned
+    offset = 6 if evaluator.soft_prompt_kind(model) == "prompt" else 0  # a prefix adds no logits
     audio = _clip(1.5, seed=3)
     item = items["role"]
     dimensions = ["pitch_variation", "rhythmic_naturalness", "dynamic_range"]
@@ -608,11 +610,11 @@ def test_scoring_a_prompt_tuned_model_reads_what_its_forward_predicts(prompt_tun
     digits = scoring.digit_token_ids(processor.tokenizer)
     for dimension in dimensions:
         row = _answer_row(processor, item, dimension, audio)
-        with torch.no_grad():
-            logits = model(**row).logits[0]
+        with torch.no_grad():  # no labels: Qwen2-Audio's own loss trips over a prefix's longer mask
+            logits = model(**{k: v for k, v in row.items() if k != "labels"}).logits[0]
         ids = row["input_ids"][0].tolist()
         digit_at = next(i for i in range(len(ids) - 1, -1, -1) if ids[i] in digits)
-        expected = scoring.score_logits(logits[6 + digit_at - 1][None], digits)
+        expected = scoring.score_logits(logits[offset + digit_at - 1][None], digits)
         torch.testing.assert_close(torch.tensor(scored[dimension].distribution), expected.distribution[0],
                                    atol=BATCH_TOLERANCE, rtol=0)
     other = scoring.score_item(model, processor, _clip(2.5, seed=4), item, dimensions=dimensions,
@@ -632,3 +634,20 @@ def test_a_prompt_tuned_model_round_trips_as_base_plus_soft_prompt(prompt_tuned,
     after = scoring.score_item(loaded, loaded_processor, audio, items["role"], detailed=False)
     for dimension, score in before.items():
         assert after[dimension].score == pytest.approx(score.score, abs=1e-6)
+
+
+def test_generation_follows_the_soft_prompt_and_a_prefix_is_refused(prompt_tuned, items):
+    """Greedy generation after ``<answer>`` from a prompt-tuned model writes the digit its scoring ranks
+    first (both read the same positions); a prefix-tuned one refuses to generate, saying why."""
+    model, processor = prompt_tuned
+    encoding = scoring.encode_audio(model, processor, _clip(2.0))
+    prompt = prompts.item_prompt(items["role"], "pitch_variation", detailed=False)
+    if evaluator.soft_prompt_kind(model) == "prefix":
+        with pytest.raises(ValueError, match="prefix-tuned evaluator"):
+            scoring.generate_answers(model, processor, encoding, [prompt], max_new_tokens=1)
+        return
+    logits = scoring.answer_logits(model, scoring.embed_prompts(model, processor, encoding, [prompt],
+                                                                answer_prefix=True))
+    answer = scoring.generate_answers(model, processor, encoding, [prompt], max_new_tokens=1,
+                                      answer_prefix=True)
+    assert answer == ["<answer>" + processor.tokenizer.decode([int(logits[0].argmax())])]

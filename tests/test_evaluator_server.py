@@ -361,8 +361,9 @@ def test_a_model_is_prompted_in_the_style_it_was_trained_on(dramaturg_home: Path
         running.stop()
 
 
-def publish_prompt_tuned(home: Path, name: str = "tiny") -> None:
-    """The tiny evaluator with a soft prompt (``peft: prompt``'s published layout: base + prompt_tuning/)."""
+def publish_prompt_tuned(home: Path, method: str, name: str = "tiny") -> None:
+    """The tiny evaluator with a soft prompt (``peft: prompt | prefix``'s published layout: the base and
+    the soft prompt beside it)."""
     from dramaturg.services.evaluator.model import (
         build_tiny_evaluator,
         hear_through_prompt_tuning,
@@ -372,22 +373,24 @@ def publish_prompt_tuned(home: Path, name: str = "tiny") -> None:
     from peft import get_peft_model
 
     model, processor = build_tiny_evaluator(seed=0)
-    tuned = hear_through_prompt_tuning(get_peft_model(model, peft_config("prompt", virtual_tokens=6)))
+    tuned = hear_through_prompt_tuning(get_peft_model(model, peft_config(method, virtual_tokens=6)))
     with torch.no_grad():
         tuned.prompt_encoder["default"].embedding.weight.mul_(5.0)
     store = ModelStore(home)
     with store.create_version("evaluator", name, architecture="qwen2-audio", base_model="", recipe="test",
-                              labels={"peft": "prompt"}) as staging:
+                              labels={"peft": method}) as staging:
         save_evaluator(tuned, processor, Path(staging))
     store.set_default("evaluator", name)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_a_prompt_tuned_model_is_served_with_its_soft_prompt(dramaturg_home: Path, batched: bool) -> None:
-    """A ``peft: prompt`` model serves alone and in batches, scoring as in process; its soft prompt
-    counts (the scores differ from the base's)."""
+@pytest.mark.parametrize(("method", "batched"), [("prompt", False), ("prompt", True), ("prefix", True)])
+def test_a_prompt_tuned_model_is_served_with_its_soft_prompt(
+    dramaturg_home: Path, method: str, batched: bool
+) -> None:
+    """A ``peft: prompt | prefix`` model serves alone and in batches, scoring as in process; its soft
+    prompt counts (the scores differ from the base's)."""
     publish_tiny(dramaturg_home, name="base")
-    publish_prompt_tuned(dramaturg_home)
+    publish_prompt_tuned(dramaturg_home, method)
     running = Served(dramaturg_home, batching=batched)
     try:
         some = ["emotion_accuracy", "pitch_variation"]

@@ -118,14 +118,6 @@ def test_recipes_and_presets_are_valid() -> None:
     assert (PRESETS_DIR / "cpu-quick.yaml").is_file() and RECIPES["cpu-quick"].defaults["device"] == "cpu"
 
 
-@pytest.mark.parametrize("method", ["prefix"])
-def test_prefix_tuning_is_refused(method: str, corpus: Path, tmp_path: Path) -> None:
-    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, "peft": method})
-    with pytest.raises(ValueError, match="not implemented"):
-        RECIPES["sft"].run(ctx)
-    ctx.close()
-
-
 @pytest.mark.parametrize("method", ["adalora", "ia3", "qlora"])
 def test_each_peft_method_trains_and_publishes_a_merged_model(
     method: str, corpus: Path, tmp_path: Path
@@ -421,25 +413,30 @@ def test_grpo_runs_on_two_gloo_processes(corpus: Path, tmp_path: Path) -> None:
     assert sorted(metric_series(record.run_dir, "loss/train")) == [2]
 
 
-def test_prompt_tuning_trains_a_soft_prompt_over_the_frozen_model(corpus: Path, tmp_path: Path) -> None:
-    """``peft: prompt``: only the virtual tokens train; the published folder is the untouched base plus
-    the soft prompt, which the loader wraps back with peft and which reproduces its held-out metrics."""
+@pytest.mark.parametrize(("method", "trained"), [("prompt", 512), ("prefix", 1024)])
+def test_prompt_learning_trains_a_soft_prompt_over_the_frozen_model(
+    method: str, trained: int, corpus: Path, tmp_path: Path
+) -> None:
+    """``peft: prompt | prefix``: only the virtual positions train; the published folder is the untouched
+    base plus the soft prompt, which the loader wraps back with peft and which reproduces its held-out
+    metrics."""
     from dramaturg.services.evaluator.data import load_clips
     from dramaturg.services.evaluator.train import heldout_metrics
 
-    overrides = {**RUN, "peft": "prompt", "prompt_tokens": 8, "lr": 0.3, "max_steps": 20, "eval_every": 10,
+    overrides = {**RUN, "peft": method, "prompt_tokens": 8, "lr": 0.3, "max_steps": 20, "eval_every": 10,
                  "max_heldout_items": 2, "lora_modules_to_save": []}
     ctx = inline_context(tmp_path, "sft", corpus, overrides, output_model="evaluator-prompt")
     RECIPES["sft"].run(ctx)
     ctx.close()
     logs = [e["message"] for e in events(ctx.run_dir, "log")]
-    assert any("(prompt) from tiny: 512 of" in m for m in logs), logs  # 8 tokens × width 64
+    # prompt: 8 embeddings × width 64; prefix: 8 positions × 2 layers × (key + value) × KV width 32
+    assert any(f"({method}) from tiny: {trained:,} of" in m for m in logs), logs
     loss = metric_series(ctx.run_dir, "loss/train")
     steps = sorted(loss)
     # the random tiny head caps the logits near ln(vocab): a soft prompt alone moves the loss a little
     assert all(math.isfinite(v) for v in loss.values()) and loss[steps[-1]] < loss[steps[0]] - 0.02
     record = ModelStore(tmp_path).resolve(SERVICE, "evaluator-prompt")
-    assert record.labels["peft"] == "prompt"
+    assert record.labels["peft"] == method
     model, processor = evaluator.load_evaluator(record.path)
     assert evaluator.virtual_tokens(model) == 8
     base, _ = evaluator.build_tiny_evaluator(seed=0)
@@ -456,6 +453,7 @@ def test_prompt_tuning_trains_a_soft_prompt_over_the_frozen_model(corpus: Path, 
     ("sft", {"peft": "prompt", "score_weight": 1.0}, "a soft prompt shifts"),
     ("sft", {"peft": "prompt", "group_by_clip": True}, "a soft prompt shifts"),
     ("grpo", {"peft": "prompt", "num_generations": 2}, "grpo with peft: prompt is not supported"),
+    ("grpo", {"peft": "prefix", "num_generations": 2}, "grpo with peft: prefix is not supported"),
 ])
 def test_what_prompt_tuning_cannot_do_is_refused(
     recipe: str, overrides: dict[str, Any], message: str, corpus: Path, tmp_path: Path

@@ -271,11 +271,19 @@ def audio_inputs_embeds(model: nn.Module, input_ids: torch.Tensor, input_feature
 
 
 def virtual_tokens(model: nn.Module) -> int:
-    """How many learnt prompt embeddings a prompt-tuned model puts before every input (0: none)."""
+    """How many learnt positions a prompt-learning model puts before every input (0: none)."""
     config = getattr(model, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):
         return 0
     return int(config.num_virtual_tokens)
+
+
+def soft_prompt_kind(model: nn.Module) -> str:
+    """``prompt`` (learnt input embeddings), ``prefix`` (learnt keys and values) or "" (neither)."""
+    if not virtual_tokens(model):
+        return ""
+    kind = str(getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type))
+    return {"PROMPT_TUNING": PROMPT_TUNING, "PREFIX_TUNING": PREFIX_TUNING}.get(kind, kind.lower())
 
 
 def _audio_before_prompt_tuning(module: nn.Module, args: tuple[Any, ...],
@@ -298,9 +306,10 @@ def hear_through_prompt_tuning(model: nn.Module) -> nn.Module:
     them from ``input_ids`` itself: given ``inputs_embeds`` it drops ``input_features`` without a word
     (transformers 5.23, peft 0.21) — a silently audio-blind model. A forward pre-hook on the peft model
     writes the audio in first (:func:`audio_inputs_embeds`), so peft prepends the soft prompt to
-    embeddings that hold it. A test checks that the audio changes the scores.
+    embeddings that hold it. A test checks that the audio changes the scores. Prefix tuning passes
+    ``input_ids`` on (its prompt is keys and values), so the model hears without help: a no-op there.
     """
-    if not getattr(model, "_hears_through_prompt_tuning", False):
+    if soft_prompt_kind(model) == PROMPT_TUNING and not getattr(model, "_hears_through_prompt_tuning", False):
         model.register_forward_pre_hook(_audio_before_prompt_tuning, with_kwargs=True)
         model._hears_through_prompt_tuning = True
     return model
@@ -464,11 +473,14 @@ IA3_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(k|v)_pro
 IA3_FEEDFORWARD_MODULES = r"model\.language_model\.layers\.\d+\.mlp\.down_proj"
 # peft methods whose adapters merge into the weights (a standalone folder, no peft at serving time)
 MERGEABLE_PEFT = ("lora", "qlora", "adalora", "ia3")
-# Prompt tuning (Lester et al. 2021): learnt virtual-token embeddings before every prompt, the model
-# frozen. Nothing to merge, so the published folder is the base model plus the soft prompt in
+# Prompt learning, the model frozen: prompt tuning (Lester et al. 2021: learnt virtual-token embeddings
+# before every prompt) and prefix tuning (Li & Liang 2021: learnt keys and values before every prompt,
+# in every layer). Nothing to merge, so the published folder is the base model plus the soft prompt in
 # PROMPT_ADAPTER_DIR, which :func:`load_evaluator` wraps back with peft.
 PROMPT_TUNING = "prompt"
-PROMPT_ADAPTER_DIR = "prompt_tuning"
+PREFIX_TUNING = "prefix"
+PROMPT_LEARNING = (PROMPT_TUNING, PREFIX_TUNING)
+PROMPT_ADAPTER_DIR = "prompt_learning"
 
 
 def adalora_schedule(total_steps: int) -> dict[str, int]:
@@ -492,18 +504,21 @@ def peft_config(
     modules_to_save: list[str] | None = None,
     virtual_tokens: int = 20,
 ) -> Any:
-    """The peft config of a method (``lora``/``qlora`` | ``adalora`` | ``ia3`` | ``prompt``), language
-    model only. ``prompt``: ``virtual_tokens`` learnt embeddings before every prompt (random init).
+    """The peft config of a method (``lora``/``qlora`` | ``adalora`` | ``ia3`` | ``prompt`` | ``prefix``),
+    language model only. ``prompt``: ``virtual_tokens`` learnt embeddings before every prompt (random
+    init); ``prefix``: ``virtual_tokens`` learnt keys and values in every layer.
 
     ``qlora`` is LoRA over a 4-bit base (the quantisation is the loader's job, not the config's).
     AdaLoRA starts every adapter at 1.5 × ``rank`` and prunes the budget down to ``rank`` over
     ``total_steps`` (:func:`adalora_schedule`); it needs ``update_and_allocate`` after each optimizer
     step (the recipe's callback does it).
     """
-    from peft import AdaLoraConfig, IA3Config, PromptTuningConfig
+    from peft import AdaLoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig
 
     if method == PROMPT_TUNING:
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(virtual_tokens))
+    if method == PREFIX_TUNING:
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(virtual_tokens))
     if method in ("lora", "qlora"):
         config = lora_config(rank, alpha, dropout)
     elif method == "adalora":
@@ -523,7 +538,7 @@ def peft_config(
             task_type="CAUSAL_LM",
         )
     else:
-        raise ValueError(f"peft {method!r}: expected one of {', '.join((*MERGEABLE_PEFT, PROMPT_TUNING))}")
+        raise ValueError(f"peft {method!r}: expected one of {', '.join((*MERGEABLE_PEFT, *PROMPT_LEARNING))}")
     config.modules_to_save = list(modules_to_save) if modules_to_save else None
     return config
 

@@ -9,10 +9,10 @@ answer ``<answer>N</answer>`` to one-dimension prompts, on the corpus's Speech-D
   frozen): ``lora`` (peft LoRA on the attention and MLP projections), ``qlora`` (the same LoRA over a
   4-bit NF4 base, bitsandbytes), ``adalora`` (LoRA whose rank budget is pruned from 1.5 × ``lora_r``
   to ``lora_r`` during the run), ``ia3`` (learnt scales on keys, values and the MLP's down projection)
-  ``prompt`` (``prompt_tokens`` learnt embeddings before every prompt, the model frozen; published as
-  the base plus its soft prompt, which the loader wraps back with peft) or ``full`` (every weight but
-  the encoder's frozen position table). ``prefix`` tuning is refused by name (README's design notes:
-  Qwen2-Audio computes its loss with an attention mask that peft's prefix lengthens). ``target``
+  ``prompt`` (``prompt_tokens`` learnt embeddings before every prompt), ``prefix`` (``prompt_tokens``
+  learnt keys and values in every layer) — both with the model frozen, published as the base plus the
+  soft prompt, which the loader wraps back with peft — or ``full`` (every weight but the encoder's
+  frozen position table). ``target``
   picks each row's answer: ``per_rater`` (one rater's score
   drawn at random, as Speech-DRAME does) or ``mean`` (the raters' mean, rounded). Training aids for
   the random tiny model (``probe.py``): ``probe_weight`` > 0 (``peft: full``) adds the score probe's
@@ -44,9 +44,7 @@ from typing import Any
 from dramaturg.shared.training.presets import LazyRecipe, presets_dir, recipes_with_presets
 
 PRESETS_DIR = presets_dir(__file__)
-PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prompt", "full")
-# Speech-DRAME's prefix tuning: named so a config gets a reason, refused when a run starts
-PLANNED_PEFT_METHODS = ("prefix",)
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prompt", "prefix", "full")
 TARGETS = ("per_rater", "mean")
 ITEM_SETS = ("realism", "archetype", "both")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -92,7 +90,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     # modules trained in full beside the adapters (peft ``modules_to_save``): the random tiny model needs
     # ["lm_head"] (its head caps the logits; LoRA alone plateaus near ln(vocab)); [] for a pretrained one
     "lora_modules_to_save": [],
-    # --- prompt tuning (peft prompt): learnt virtual tokens before every prompt
+    # --- prompt learning (peft prompt | prefix): learnt virtual positions before every prompt
     "prompt_tokens": 20,
     # --- evaluation and checkpoints
     "eval_every": 50,

@@ -38,6 +38,7 @@ from dramaturg.services.evaluator.model import (
     SAMPLE_RATE,
     check_window,
     project_audio,
+    soft_prompt_kind,
     unwrap,
     virtual_tokens,
 )
@@ -210,21 +211,27 @@ def embed_prompts(
     # masked_scatter fills the audio positions row by row: the rows' encodings, in row order
     source = torch.cat([enc.embeds.to(device, embeds.dtype) for enc in encodings])
     embeds = embeds.masked_scatter(audio_positions[..., None], source)
-    soft = virtual_tokens(model)
-    if soft:  # a prompt-tuned model: its soft prompt first, where peft puts it (before the padding too)
-        prompt = model.get_prompt(batch_size=input_ids.shape[0]).to(device, embeds.dtype)
-        embeds = torch.cat([prompt, embeds], dim=1)
+    soft, kind = virtual_tokens(model), soft_prompt_kind(model)
+    rows = input_ids.shape[0]
+    extra: dict[str, Any] = {}
+    if kind == "prompt":  # learnt embeddings first, where peft puts them (before the padding too)
+        embeds = torch.cat([model.get_prompt(batch_size=rows).to(device, embeds.dtype), embeds], dim=1)
         pad = int(processor.tokenizer.pad_token_id)
-        input_ids = torch.cat([torch.full((input_ids.shape[0], soft), pad, dtype=input_ids.dtype,
-                                          device=device), input_ids], dim=1)
-        attention_mask = torch.cat([torch.ones((input_ids.shape[0], soft), dtype=attention_mask.dtype,
-                                               device=device), attention_mask], dim=1)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        input_ids = torch.cat([torch.full((rows, soft), pad, dtype=input_ids.dtype, device=device),
+                               input_ids], dim=1)
+    elif kind == "prefix":  # learnt keys and values, as a cache of ``soft`` positions before the text
+        extra["past_key_values"] = model.get_prompt(batch_size=rows)
+    if soft:
+        attention_mask = torch.cat([torch.ones((rows, soft), dtype=attention_mask.dtype, device=device),
+                                    attention_mask], dim=1)
+    # positions count real tokens only, so a row's positions do not depend on its batch's padding
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "inputs_embeds": embeds,
+        **extra,
     }
 
 
@@ -242,6 +249,7 @@ def answer_logits(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch
         inputs_embeds=inputs["inputs_embeds"],
         attention_mask=inputs["attention_mask"],
         position_ids=inputs["position_ids"],
+        past_key_values=inputs.get("past_key_values"),  # a prefix-tuned model's learnt prefix
         use_cache=False,
     ).last_hidden_state
     return base.lm_head(hidden[:, -1])
@@ -340,6 +348,9 @@ def generate_answers(
     ``answer_prefix`` starts the answer with ``<answer>`` (then the first new token is the digit that
     :func:`score_prompts` reads); by default the model writes the whole ``<answer>N</answer>``.
     """
+    if soft_prompt_kind(model) == "prefix":
+        raise ValueError("generating from a prefix-tuned evaluator is not supported (its prefix would have "
+                         "to be a generation cache): score it, or train with another peft method")
     inputs = embed_prompts(model, processor, encoding, prompts, answer_prefix=answer_prefix)
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": False}
     kwargs.update(generate_kwargs)

@@ -53,7 +53,7 @@ from .data import WithAudio, evaluator_dir, load_clips, load_split, rater_mean, 
 from .model import (
     AUDIO_POSITIONS,
     MERGEABLE_PEFT,
-    PROMPT_TUNING,
+    PROMPT_LEARNING,
     build_tiny_evaluator,
     hear_through_prompt_tuning,
     load_evaluator,
@@ -66,7 +66,7 @@ from .model import (
 )
 from .probe import ProbedSFTTrainer, attach_probe, without_probe
 from .prompts import PROMPTS_LABEL, item_dimensions, item_prompt, prompt_style
-from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, PLANNED_PEFT_METHODS, SCHEDULES, TARGETS
+from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, SCHEDULES, TARGETS
 from .tokenizer import build_tokenizer
 
 MONITOR = Monitor(MONITORED, "max")
@@ -74,9 +74,6 @@ MONITOR = Monitor(MONITORED, "max")
 
 def _check(cfg: Mapping[str, Any]) -> None:
     method = str(cfg["peft"])
-    if method in PLANNED_PEFT_METHODS:
-        raise ValueError(f"peft {method!r} is not implemented yet (Qwen2-Audio's loss reads an attention "
-                         f"mask that peft's prefix lengthens): use one of {', '.join(PEFT_METHODS)}")
     if method not in PEFT_METHODS:
         raise ValueError(f"peft {method!r}: expected one of {', '.join(PEFT_METHODS)}")
     if cfg["target"] not in TARGETS:
@@ -189,7 +186,7 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
         base, processor = tiny_model(cfg)
         base.to(device)
     set_audio_position(processor, str(cfg["audio_position"]))
-    if method in (*MERGEABLE_PEFT, PROMPT_TUNING):
+    if method in (*MERGEABLE_PEFT, *PROMPT_LEARNING):
         from peft import get_peft_model
 
         with torch.random.fork_rng(devices=[]):
@@ -204,8 +201,7 @@ def build_model(ctx: RunContext, cfg: Mapping[str, Any], device: str) -> tuple[A
                 virtual_tokens=int(cfg["prompt_tokens"]),
             )
             model = get_peft_model(base, config)
-        if method == PROMPT_TUNING:
-            hear_through_prompt_tuning(model)
+        hear_through_prompt_tuning(model)  # prompt tuning: the audio into its embeddings (else a no-op)
     else:
         model = base
     model.train()
@@ -496,10 +492,10 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     weights = {name: float(cfg.get(name, 0.0)) for name in ("probe_weight", "contour_weight", "score_weight")}
     probed = weights["probe_weight"] > 0 or weights["contour_weight"] > 0
     group_by_clip = bool(cfg.get("group_by_clip", False))
-    if cfg["peft"] == PROMPT_TUNING and (group_by_clip or any(w > 0 for w in weights.values())):
+    if cfg["peft"] in PROMPT_LEARNING and (group_by_clip or any(w > 0 for w in weights.values())):
         raise ValueError("the training aids (probe_weight, contour_weight, score_weight, group_by_clip) read "
                          "the language model's positions, which a soft prompt shifts: use them with lora or "
-                         "full, or set them to 0 / false for peft: prompt")
+                         f"full, or set them to 0 / false for peft: {cfg['peft']}")
     if probed and (cfg["peft"] != "full" or not corpus.dimensions):
         raise ValueError("probe_weight / contour_weight > 0 train the audio encoder through a probe: "
                          "they need peft: full (the other methods keep the encoder frozen) and the run's "
@@ -556,9 +552,9 @@ def run_grpo(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     from .grpo import AudioGRPOTrainer, reward_functions
 
     cfg = dict(ctx.config if cfg is None else cfg)
-    if cfg["peft"] == PROMPT_TUNING:
-        raise ValueError("grpo with peft: prompt is not supported (the GRPO passes read the language model's "
-                         "positions, which a soft prompt shifts): use lora, ia3 or full")
+    if cfg["peft"] in PROMPT_LEARNING:
+        raise ValueError(f"grpo with peft: {cfg['peft']} is not supported (the GRPO passes read the language "
+                         "model's positions, which a soft prompt shifts): use lora, ia3 or full")
     corpus, device = _prepare(ctx, cfg)
     rewards = reward_functions([str(r) for r in cfg["rewards"]])
     if cfg["reward_weights"] and len(cfg["reward_weights"]) != len(rewards):
