@@ -651,3 +651,53 @@ def test_generation_follows_the_soft_prompt_and_a_prefix_is_refused(prompt_tuned
     answer = scoring.generate_answers(model, processor, encoding, [prompt], max_new_tokens=1,
                                       answer_prefix=True)
     assert answer == ["<answer>" + processor.tokenizer.decode([int(logits[0].argmax())])]
+
+
+# --------------------------------------------------------------------------------- prompt variations
+
+VARIATIONS_FILE = Path(evaluator.__file__).with_name("prompt_variations.json")
+
+
+def test_the_shipped_prompt_variations_load_in_speech_drames_layout():
+    variations = prompts.load_prompt_variations(VARIATIONS_FILE)
+    assert sorted(variations) == sorted(REALISM_DIMENSIONS)  # Speech-DRAME's keys mapped to the fields
+    for dimension, texts in variations.items():
+        assert len(texts) == 3 and len(set(texts)) == 3
+        assert all(prompts.RUBRICS[dimension].name in text and "<answer>" in text for text in texts)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{oops", "not readable JSON"),
+    ('{"variations": {}}', "expected variations.dimension_prompts"),
+    ('{"variations": {"dimension_prompts": [{"dimension_name": "charisma", "prompt_text": "x"}]}}',
+     r"dimension_prompts\[0\] names dimension 'charisma'"),
+    ('{"variations": {"dimension_prompts": [{"dimension_name": "pitch_variation", "prompt_text": " "}]}}',
+     r"dimension_prompts\[0\] has no prompt_text"),
+])
+def test_a_malformed_variations_file_names_its_fault(content: str, message: str, tmp_path: Path):
+    path = tmp_path / "variations.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prompts.load_prompt_variations(path)
+
+
+def test_variations_change_the_training_prompts_not_the_targets(items):
+    """Rows of a dimension with variations are prompted with one of them (Speech-DRAME's RoleVariation
+    layout: the block, then the context); the drawn targets are those of a run without variations."""
+    role = items["role"]
+    variations = {"pitch_variation": ("Wording A for pitch.", "Wording B for pitch.")}
+    many = [dict(role, id=f"r{i}") for i in range(12)]
+    plain = prompts.sft_examples(many, rng=np.random.default_rng(3), detailed=False)
+    varied = prompts.sft_examples(many, rng=np.random.default_rng(3), detailed=False, variations=variations,
+                                  variation_rng=np.random.default_rng(4))
+    assert [r["completion"] for r in varied] == [r["completion"] for r in plain]
+    used = set()
+    for before, after in zip(plain, varied, strict=True):
+        if after["dimension"] == "pitch_variation":
+            wording = after["prompt"].split("\n\n")[0]
+            assert wording in variations["pitch_variation"]
+            assert after["prompt"] == f"{wording}\n\n{prompts.realism_context(role)}\n\n"
+            used.add(wording)
+        else:
+            assert after["prompt"] == before["prompt"]
+    assert used == set(variations["pitch_variation"])  # both wordings drawn over 12 rows

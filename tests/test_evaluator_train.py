@@ -462,3 +462,23 @@ def test_what_prompt_tuning_cannot_do_is_refused(
     with pytest.raises(ValueError, match=message):
         RECIPES[recipe].run(ctx)
     ctx.close()
+
+
+def test_prompt_variations_prompt_the_training_rows(corpus: Path, tmp_path: Path) -> None:
+    """``prompt_variations``: the shipped example file (Speech-DRAME's layout) is read and logged, and a
+    run trains on it; a missing file stops the run before any model is built."""
+    variations = Path(evaluator.__file__).with_name("prompt_variations.json")
+    overrides = {**RUN, "max_steps": 2, "eval_every": 0, "max_heldout_items": 1, "eval_at_start": False,
+                 "prompt_variations": str(variations)}
+    ctx = inline_context(tmp_path, "sft", corpus, overrides)
+    RECIPES["sft"].run(ctx)
+    ctx.close()
+    logs = [e["message"] for e in events(ctx.run_dir, "log")]
+    said = [m for m in logs if m.startswith(f"prompt variations from {variations}: ")]
+    assert len(said) == 1 and all(f"{d} 3" in said[0] for d in DIMENSIONS), logs  # 3 wordings each
+    assert all(math.isfinite(v) for v in metric_series(ctx.run_dir, "loss/train").values())
+    missing = inline_context(tmp_path / "missing", "sft", corpus,
+                             {**overrides, "prompt_variations": "nope.json"})
+    with pytest.raises(ValueError, match="not readable JSON"):
+        RECIPES["sft"].run(missing)
+    missing.close()

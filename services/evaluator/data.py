@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from dramaturg.services.evaluator.model import SAMPLE_RATE
-from dramaturg.services.evaluator.prompts import item_dimensions, sft_examples
+from dramaturg.services.evaluator.prompts import PromptVariations, item_dimensions, sft_examples
 
 DIR = "evaluator"
 KINDS = {"realism": ("realism",), "archetype": ("archetype",), "both": ("realism", "archetype")}
@@ -83,8 +83,10 @@ def sft_rows(
     seed: int,
     detailed: bool,
     dimensions: Sequence[str] | None = None,
+    variations: PromptVariations | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`~dramaturg.services.evaluator.prompts.sft_examples` rows with ``target`` per_rater | mean.
+    """:func:`~dramaturg.services.evaluator.prompts.sft_examples` rows with ``target`` per_rater | mean
+    (and ``variations``: prompt wordings drawn per row, from a stream seeded by ``seed`` + 1).
 
     Each row also carries ``reference``, the raters' mean (what the score probe, ``probe.py``, learns).
     """
@@ -95,7 +97,8 @@ def sft_rows(
     elif target != "per_rater":
         raise ValueError(f"target {target!r}: expected per_rater or mean")
     rng = np.random.default_rng(seed)
-    rows = sft_examples(items, rng=rng, detailed=detailed, dimensions=dimensions or None)
+    rows = sft_examples(items, rng=rng, detailed=detailed, dimensions=dimensions or None,
+                        variations=variations, variation_rng=np.random.default_rng(seed + 1))
     return [{**row, "reference": means[(row["id"], row["dimension"])]} for row in rows]
 
 

@@ -43,9 +43,11 @@ context; the assistant answers ``<answer>N</answer>``. This module writes prompt
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -337,28 +339,94 @@ def rater_target(item: Mapping[str, Any], dimension: str, rng: np.random.Generat
     return scores[int(rng.integers(len(scores)))]
 
 
+# ------------------------------------------------------------------------------- prompt variations
+
+# Speech-DRAME's dimension keys (its prompt_variations.json ``dimension_name``) → the JSONL field names
+SPEECH_DRAME_KEYS: dict[str, str] = {
+    "pitch_dynamics": "pitch_variation",
+    "rhythmic_naturalness": "rhythmic_naturalness",
+    "stress_emphasis": "stress_and_emphasis",
+    "emotion_accuracy": "emotion_accuracy",
+    "emotion_intensity": "emotion_intensity_control",
+    "emotional_dynamic_range": "dynamic_range",
+    "voice_identity_matching": "voice_identity_matching",
+    "trait_embodiment": "trait_embodiment",
+    "local_scene_fit": "local_story_fit",
+    "global_story_fit": "global_story_coherence",
+}
+
+PromptVariations = Mapping[str, Sequence[str]]
+"""Dimension (JSONL field name) → alternative wordings of its prompt (each a whole dimension block)."""
+
+
+def load_prompt_variations(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """Prompt variations from a JSON file in Speech-DRAME's layout (``prompt_variations.json``).
+
+    ``{"variations": {"dimension_prompts": [{"dimension_name": …, "prompt_text": …}, …]}}``:
+    ``dimension_name`` is Speech-DRAME's key (``pitch_dynamics`` …) or the JSONL's field name
+    (``pitch_variation`` …); ``prompt_text`` is the dimension's whole block, header and rubric included.
+    Other keys (``metadata``, ``detailed_variations``: Speech-DRAME's all-dimensions prompts) are
+    ignored. A malformed file is a ValueError that names the entry.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"prompt variations {path}: not readable JSON ({error})") from error
+    entries = (data.get("variations") or {}).get("dimension_prompts") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"prompt variations {path}: expected variations.dimension_prompts, a non-empty list "
+                         "of {dimension_name, prompt_text} (Speech-DRAME's layout)")
+    found: dict[str, list[str]] = {}
+    for index, entry in enumerate(entries):
+        name = str(entry.get("dimension_name", "")) if isinstance(entry, dict) else ""
+        text = str(entry.get("prompt_text", "")).strip() if isinstance(entry, dict) else ""
+        dimension = SPEECH_DRAME_KEYS.get(name, name)
+        if dimension not in RUBRICS:
+            raise ValueError(f"prompt variations {path}: dimension_prompts[{index}] names dimension "
+                             f"{name!r}; use one of {sorted(SPEECH_DRAME_KEYS)} or {sorted(RUBRICS)}")
+        if not text:
+            raise ValueError(f"prompt variations {path}: dimension_prompts[{index}] has no prompt_text")
+        found.setdefault(dimension, []).append(text)
+    return {dimension: tuple(texts) for dimension, texts in found.items()}
+
+
+def variation_prompt(item: Mapping[str, Any], text: str) -> str:
+    """A variation's user text, laid out as Speech-DRAME's ``RoleVariation`` rows are: the variation's
+    block, the item's context, no frame sentences (the block carries its own instructions)."""
+    return f"{text}\n\n{item_context(item)}\n\n"
+
+
 def sft_examples(
     items: Sequence[Mapping[str, Any]],
     *,
     rng: np.random.Generator,
     detailed: bool = True,
     dimensions: Sequence[str] | None = None,
+    variations: PromptVariations | None = None,
+    variation_rng: np.random.Generator | None = None,
 ) -> list[dict[str, Any]]:
     """Prompt/completion rows (one per item and dimension) for the SFT collator (``collate.py``).
 
     Each row: ``prompt`` (the user text), ``completion`` (``<answer>N</answer>``), ``wav_path``,
     ``dimension``, ``id``. Audio is not loaded here: the dataset adds it as ``audio`` (16 kHz float).
+    With ``variations``, a row whose dimension has some is prompted with one of them, drawn with
+    ``variation_rng`` (its own stream: the targets drawn with ``rng`` stay those of a run without).
     """
+    picker = variation_rng if variation_rng is not None else np.random.default_rng(0)
     rows = []
     for item in items:
         for dimension in dimensions or item_dimensions(item):
             if dimension not in item_dimensions(item):
                 continue
+            wordings = (variations or {}).get(dimension)
+            prompt = (variation_prompt(item, wordings[int(picker.integers(len(wordings)))]) if wordings
+                      else item_prompt(item, dimension, detailed=detailed))
             rows.append(
                 {
                     "id": item["id"],
                     "dimension": dimension,
-                    "prompt": item_prompt(item, dimension, detailed=detailed),
+                    "prompt": prompt,
                     "completion": format_answer(rater_target(item, dimension, rng)),
                     "wav_path": item["wav_path"],
                 }

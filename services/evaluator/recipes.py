@@ -63,6 +63,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "item_set": "both",  # realism | archetype | both
     "dimensions": [],  # only these dimensions ([]: every dimension of each item)
     "detailed": True,  # the detailed rubric prompts (False: the simple ones)
+    # a JSON file of prompt wordings in Speech-DRAME's prompt_variations.json layout: each training row
+    # is prompted with one drawn for its dimension (held-out scoring and serving keep the standard
+    # prompt). "" off; services/evaluator/prompt_variations.json is a worked example
+    "prompt_variations": "",
     # where the clip goes in the user turn: first (Speech-DRAME's order) | last (after the prompt) | ""
     # (the base model's own template); saved with the model's processor (model.set_audio_position)
     "audio_position": "",

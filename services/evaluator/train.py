@@ -65,7 +65,14 @@ from .model import (
     virtual_tokens,
 )
 from .probe import ProbedSFTTrainer, attach_probe, without_probe
-from .prompts import PROMPTS_LABEL, item_dimensions, item_prompt, prompt_style
+from .prompts import (
+    PROMPTS_LABEL,
+    item_dimensions,
+    item_prompt,
+    load_prompt_variations,
+    prompt_style,
+    variation_prompt,
+)
 from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, SCHEDULES, TARGETS
 from .tokenizer import build_tokenizer
 
@@ -471,6 +478,17 @@ def _train(ctx: RunContext, cfg: Mapping[str, Any], corpus: Corpus, model: Any, 
     ctx.log(f"published {record.ref}: held-out mean Spearman {chosen:.3f}")
 
 
+def prompt_variations(ctx: RunContext, cfg: Mapping[str, Any]) -> dict[str, tuple[str, ...]] | None:
+    """The recipe's ``prompt_variations`` file, loaded and logged (None when off)."""
+    value = str(cfg.get("prompt_variations") or "")
+    if not value:
+        return None
+    variations = load_prompt_variations(Path(value).expanduser())
+    counts = ", ".join(f"{dimension} {len(texts)}" for dimension, texts in variations.items())
+    ctx.log(f"prompt variations from {value}: {counts} (training rows only)")
+    return variations
+
+
 def _prepare(ctx: RunContext, cfg: Mapping[str, Any]) -> tuple[Corpus, str]:
     _check(cfg)
     if int(cfg["torch_threads"]) > 0:
@@ -486,7 +504,8 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     cfg = dict(ctx.config if cfg is None else cfg)
     corpus, device = _prepare(ctx, cfg)
     rows = sft_rows(corpus.train, target=str(cfg["target"]), seed=int(cfg["seed"]),
-                    detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
+                    detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions,
+                    variations=prompt_variations(ctx, cfg))
     if not rows:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
     weights = {name: float(cfg.get(name, 0.0)) for name in ("probe_weight", "contour_weight", "score_weight")}
@@ -522,9 +541,11 @@ def run_sft(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
            f"sft on {len(rows)} rows (target {cfg['target']}), batch {batch_size}")
 
 
-def grpo_rows(items: Sequence[Mapping[str, Any]], *, detailed: bool,
-              dimensions: Sequence[str] | None) -> list[dict[str, Any]]:
-    """One GRPO row per item and dimension: the prompt, the clip, the rounded raters' mean to reward."""
+def grpo_rows(items: Sequence[Mapping[str, Any]], *, detailed: bool, dimensions: Sequence[str] | None,
+              variations: Mapping[str, Sequence[str]] | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """One GRPO row per item and dimension: the prompt (one of ``variations`` for its dimension when it
+    has some), the clip, the rounded raters' mean to reward."""
+    picker = np.random.default_rng(seed + 1)
     rows = []
     for item in items:
         for dimension in dimensions or item_dimensions(item):
@@ -534,7 +555,9 @@ def grpo_rows(items: Sequence[Mapping[str, Any]], *, detailed: bool,
             rows.append({
                 "id": item["id"],
                 "dimension": dimension,
-                "prompt": item_prompt(item, dimension, detailed=detailed),
+                "prompt": (variation_prompt(item, wordings[int(picker.integers(len(wordings)))])
+                           if (wordings := (variations or {}).get(dimension))
+                           else item_prompt(item, dimension, detailed=detailed)),
                 "wav_path": str(item["wav_path"]),
                 "reference": int(min(5, max(1, math.floor(mean + 0.5)))),
             })
@@ -559,7 +582,8 @@ def run_grpo(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     rewards = reward_functions([str(r) for r in cfg["rewards"]])
     if cfg["reward_weights"] and len(cfg["reward_weights"]) != len(rewards):
         raise ValueError(f"reward_weights {cfg['reward_weights']}: one weight per reward {cfg['rewards']}")
-    rows = grpo_rows(corpus.train, detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions)
+    rows = grpo_rows(corpus.train, detailed=bool(cfg["detailed"]), dimensions=corpus.dimensions,
+                     variations=prompt_variations(ctx, cfg), seed=int(cfg["seed"]))
     if not rows:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
     deepspeed = zero.resolve(str(cfg["deepspeed"]))
