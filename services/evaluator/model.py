@@ -372,10 +372,11 @@ def load_evaluator(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **from_pretrained_kwargs: Any,
-) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+) -> tuple[nn.Module, Qwen2AudioProcessor]:
     """Model and processor from a folder (:func:`save_evaluator`'s, or a hub snapshot); model in eval mode.
 
-    A folder with a soft prompt (``prompt_tuning/``) comes back as the peft model around its base.
+    A folder with a soft prompt (:data:`PROMPT_ADAPTER_DIR`, from ``peft: prompt | prefix``) comes back as
+    the peft model around its base (``unwrap`` reaches the base).
 
     Checks the processor's window against the encoder's and makes sure ``image_token_id`` is set (a
     hub checkpoint does not have it).

@@ -587,7 +587,8 @@ def run_grpo(ctx: RunContext, cfg: Mapping[str, Any] | None = None) -> None:
     if not rows:
         raise ValueError(f"no training rows: no item has any of the dimensions {corpus.dimensions}")
     deepspeed = zero.resolve(str(cfg["deepspeed"]))
-    if deepspeed is not None and zero.zero_stage(zero.load(deepspeed)) == 3 and cfg["lora_modules_to_save"]:
+    adapters_with_saved_modules = cfg["peft"] in MERGEABLE_PEFT and bool(cfg["lora_modules_to_save"])
+    if deepspeed is not None and zero.zero_stage(zero.load(deepspeed)) == 3 and adapters_with_saved_modules:
         # TRL copies the adapter into a frozen "ref" adapter; ZeRO-3's gathered state dict then lacks the
         # copy of modules_to_save, and the Trainer's checkpoint fails (TRL 1.16, peft 0.21)
         raise ValueError("grpo with deepspeed ZeRO-3 cannot checkpoint lora_modules_to_save (TRL's reference "
