@@ -364,16 +364,18 @@ def test_deepspeed_follows_the_same_optimisation_as_the_trainer_alone(corpus: Pa
     assert metric_series(with_zero.run_dir, "loss/train") == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"deepspeed": "zero4"}, "neither zero1, zero2, zero3 nor a DeepSpeed JSON file"),
-    ({"deepspeed": "zero3", "peft": "qlora"}, "cannot partition a 4-bit QLoRA base"),
+@pytest.mark.parametrize(("recipe", "overrides", "message"), [
+    ("sft", {"deepspeed": "zero4"}, "neither zero1, zero2, zero3 nor a DeepSpeed JSON file"),
+    ("sft", {"deepspeed": "zero3", "peft": "qlora"}, "cannot partition a 4-bit QLoRA base"),
+    ("sft", {"deepspeed": "zero3", "nproc_per_node": 2}, "run ZeRO-3 in one process"),
+    ("grpo", {"deepspeed": "zero3", "num_generations": 2}, "cannot checkpoint lora_modules_to_save"),
 ])
 def test_bad_deepspeed_settings_are_refused_before_training(
-    overrides: dict[str, Any], message: str, corpus: Path, tmp_path: Path
+    recipe: str, overrides: dict[str, Any], message: str, corpus: Path, tmp_path: Path
 ) -> None:
-    ctx = inline_context(tmp_path, "sft", corpus, {**RUN, **overrides})
+    ctx = inline_context(tmp_path, recipe, corpus, {**RUN, **overrides})
     with pytest.raises(ValueError, match=message):
-        RECIPES["sft"].run(ctx)
+        RECIPES[recipe].run(ctx)
     ctx.close()
     assert not (ctx.run_dir / "hf-trainer").exists()
 
