@@ -397,6 +397,16 @@ def variation_prompt(item: Mapping[str, Any], text: str) -> str:
     return f"{text}\n\n{item_context(item)}\n\n"
 
 
+def row_prompt(item: Mapping[str, Any], dimension: str, *, detailed: bool,
+               variations: PromptVariations | None, picker: np.random.Generator) -> str:
+    """A training row's user text: one of ``variations`` for its dimension, drawn with ``picker``, when
+    the dimension has some; else the standard :func:`item_prompt`."""
+    wordings = (variations or {}).get(dimension)
+    if wordings:
+        return variation_prompt(item, wordings[int(picker.integers(len(wordings)))])
+    return item_prompt(item, dimension, detailed=detailed)
+
+
 def sft_examples(
     items: Sequence[Mapping[str, Any]],
     *,
@@ -419,14 +429,12 @@ def sft_examples(
         for dimension in dimensions or item_dimensions(item):
             if dimension not in item_dimensions(item):
                 continue
-            wordings = (variations or {}).get(dimension)
-            prompt = (variation_prompt(item, wordings[int(picker.integers(len(wordings)))]) if wordings
-                      else item_prompt(item, dimension, detailed=detailed))
             rows.append(
                 {
                     "id": item["id"],
                     "dimension": dimension,
-                    "prompt": prompt,
+                    "prompt": row_prompt(item, dimension, detailed=detailed, variations=variations,
+                                         picker=picker),
                     "completion": format_answer(rater_target(item, dimension, rng)),
                     "wav_path": item["wav_path"],
                 }

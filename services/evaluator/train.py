@@ -68,10 +68,9 @@ from .probe import ProbedSFTTrainer, attach_probe, without_probe
 from .prompts import (
     PROMPTS_LABEL,
     item_dimensions,
-    item_prompt,
     load_prompt_variations,
     prompt_style,
-    variation_prompt,
+    row_prompt,
 )
 from .recipes import ARCHITECTURE, MONITORED, PEFT_METHODS, SCHEDULES, TARGETS
 from .tokenizer import build_tokenizer
@@ -555,9 +554,8 @@ def grpo_rows(items: Sequence[Mapping[str, Any]], *, detailed: bool, dimensions:
             rows.append({
                 "id": item["id"],
                 "dimension": dimension,
-                "prompt": (variation_prompt(item, wordings[int(picker.integers(len(wordings)))])
-                           if (wordings := (variations or {}).get(dimension))
-                           else item_prompt(item, dimension, detailed=detailed)),
+                "prompt": row_prompt(item, dimension, detailed=detailed, variations=variations,
+                                     picker=picker),
                 "wav_path": str(item["wav_path"]),
                 "reference": int(min(5, max(1, math.floor(mean + 0.5)))),
             })
