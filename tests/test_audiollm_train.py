@@ -18,13 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from dramaturg.services.audiollm.data import (
     VARIED_INSTRUCTIONS,
+    AudioItem,
     SalmonnCollator,
     annotation_file,
+    diarized_edges,
     instruction_for,
     load_annotation,
 )
@@ -146,6 +149,34 @@ def test_annotation_reads_both_tasks_and_instructions(corpus: Path) -> None:
     held, _ = load_annotation(annotation_file(corpus, "annotation_test.json"), [], 30.0)
     asr_text = {it.text for it in train if it.task == "asr"}
     assert asr_text and not asr_text & {it.text for it in held if it.task == "asr"}  # text-disjoint
+
+
+def test_edge_augment_cuts_asr_clips_as_diarized_turns_and_leaves_the_rest() -> None:
+    """Each edge is trimmed, or takes in a piece of the neighbour (before it, over it), never more than
+    the limit; half the clip always stays; captions, evaluation and 0 s are left alone."""
+    rate = 16_000
+    clip = np.full(2 * rate, 0.25, dtype=np.float32)
+    neighbour = np.full(3 * rate, 0.5, dtype=np.float32)
+    rng = random.Random(0)
+    shapes = set()
+    for _ in range(200):
+        out = diarized_edges(clip, neighbour, 0.6, rng)
+        assert clip.size // 2 <= out.size <= clip.size + 2 * int(0.6 * rate)
+        kept = np.isclose(out, 0.25).sum() + np.isclose(out, 0.75).sum()  # alone, or under the neighbour
+        assert kept >= clip.size // 2
+        shapes.add((out.size < clip.size, out.size > clip.size, bool(np.isclose(out, 0.75).any())))
+    assert len(shapes) >= 3  # trims, additions beside the clip, additions over it all happen
+    assert diarized_edges(clip, neighbour, 0.0, rng) is clip
+
+    class Echo:  # the processor's place: hands back the audio it was given
+        def __call__(self, audio, instructions, texts):
+            return {"audio": audio}
+
+    items = [AudioItem(clip, "asr", "a", "0"), AudioItem(neighbour, "audiocaption_v2", "b", "1")]
+    augmented = SalmonnCollator(Echo(), "salmonn", seed=1, edge_augment=0.6)(items)["audio"]
+    assert augmented[1] is neighbour and augmented[0] is not clip
+    assert SalmonnCollator(Echo(), "salmonn", edge_augment=0.6)(items)["audio"][0] is clip  # evaluation
+    assert SalmonnCollator(Echo(), "salmonn", seed=1)(items)["audio"][0] is clip  # off by default
 
 
 def test_stage1_held_out_loss_falls_and_checkpoints_are_adapters(stage1: RunContext) -> None:

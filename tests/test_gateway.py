@@ -134,6 +134,12 @@ def test_bad_requests_get_actionable_errors(dramaturg_home: Path) -> None:
         with pytest.raises(grpc.RpcError) as bad:
             stub.SubmitJob(request, metadata=AUTH, timeout=10)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bogus" in bad.value.details()
+        request = gateway_pb2.SubmitJobRequest(pipeline="analyze_scene", audio=wav_input())
+        request.params.update({"merge_gap_seconds": -1})
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.SubmitJob(request, metadata=AUTH, timeout=10)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "merge_gap_seconds" in bad.value.details() and "its own line" in bad.value.details()
         with pytest.raises(grpc.RpcError) as missing:
             stub.GetJob(gateway_pb2.GetJobRequest(job_id="nope"), metadata=AUTH, timeout=5)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 from pathlib import Path
@@ -92,7 +93,8 @@ def test_analyze_scene_through_the_gateway(dramaturg_home: Path, scene) -> None:
         ):
             stub = gateway_pb2_grpc.GatewayStub(channel)
             request = gateway_pb2.SubmitJobRequest(pipeline="analyze_scene", audio=audio)
-            request.params.update({"uri": URI, "min_segment_seconds": 0.5})
+            # merge_gap_seconds 0: one script line per exclusive turn, so each is checked against its turn
+            request.params.update({"uri": URI, "min_segment_seconds": 0.5, "merge_gap_seconds": 0})
             job = stub.SubmitJob(request, metadata=AUTH, timeout=30)
             watch = gateway_pb2.WatchJobRequest(job_id=job.job_id)
             events = list(stub.WatchJob(watch, metadata=AUTH, timeout=600))
@@ -184,6 +186,13 @@ def test_analyze_scene_whole_transcribes_and_scores_every_line(dramaturg_home: P
         result = json_format.MessageToDict(final.result)
         lines = [t for t in result["script"] if t["end"] - t["start"] >= 0.5]
         assert lines and result["skipped_stages"] == {}
+        # the script's lines are the exclusive turns grouped (merge_gap_seconds' default, 1 s): every turn
+        # in exactly one line, and no two lines of one speaker left less than a second apart
+        turns = json_format.MessageToDict(stages["diarize"].output)["exclusive_turns"]
+        assert sum(t["turns"] for t in result["script"]) == len(turns)
+        assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(result["script"]))
+        assert not any(a["speaker"] == b["speaker"] and b["start"] - a["end"] < 1.0
+                       for a, b in itertools.pairwise(result["script"]))
         assert result["transcription_model"] == "tiny-audiollm:v1"
         assert result["evaluator_model"] == "tiny-evaluator:v1"
         # the gateway's answers are the services' own for the same line (first line checked directly)
@@ -261,3 +270,20 @@ def _download(stub: gateway_pb2_grpc.GatewayStub, job_id: str) -> dict[str, byte
         list(stub.GetJobFile(gateway_pb2.GetJobFileRequest(job_id=job_id, name="report.json"), timeout=30))
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
     return files
+
+
+def test_speaker_lines_group_one_speakers_turns_across_short_gaps() -> None:
+    """A line split at its pauses is one line again; a gap as long as merge_gap_seconds, another
+    speaker in between, or a gap of 0 keeps turns apart."""
+    from dramaturg.services.gateway.pipelines import speaker_lines
+
+    def turn(start: float, end: float, speaker: str) -> dict:
+        return {"start": start, "end": end, "speaker": speaker, "confidence": 1.0}
+
+    turns = [turn(10.6, 10.7, "B"), turn(0.7, 2.8, "A"), turn(3.6, 4.1, "B"), turn(4.4, 7.0, "B"),
+             turn(7.0, 7.5, "A"), turn(11.3, 12.3, "B"), turn(12.7, 15.5, "B"), turn(16.5, 17.0, "B")]
+    spans = [[(t["start"], t["end"]) for t in line] for line in speaker_lines(turns, 1.0)]
+    assert spans == [[(0.7, 2.8)], [(3.6, 4.1), (4.4, 7.0)], [(7.0, 7.5)],
+                     [(10.6, 10.7), (11.3, 12.3), (12.7, 15.5)], [(16.5, 17.0)]]
+    assert [len(line) for line in speaker_lines(turns, 0.0)] == [1] * len(turns)
+    assert speaker_lines([], 1.0) == []

@@ -6,6 +6,11 @@ read as 16 kHz mono (resampled when they are not); the collator is the processor
 (:class:`~.prompt.AudioLlmProcessor` with ``responses``: prompt, audio tokens, answer, labels on the
 answer only), with each item's instruction from :data:`~.prompt.TASK_INSTRUCTIONS` or, with
 ``prompts: varied``, drawn from :data:`VARIED_INSTRUCTIONS`.
+
+``edge_augment`` (seconds, 0: off) makes training ASR clips look like what a diarization pipeline cuts
+out of a scene (:func:`diarized_edges`): a turn's boundaries are rarely the line's — they start or end
+a little inside it, or take in a piece of the neighbouring speaker's line, over it or next to it. A
+model that only heard clean, whole lines answers such a crop with a different line.
 """
 
 from __future__ import annotations
@@ -122,21 +127,67 @@ class AudioItems(Dataset):
         return self.items[index]
 
 
+def diarized_edges(
+    audio: np.ndarray, neighbour: np.ndarray, seconds: float, rng: random.Random
+) -> np.ndarray:
+    """``audio`` cut the way a diarized turn may be: each edge either trimmed by up to ``seconds`` / 2
+    or given up to ``seconds`` of ``neighbour`` (the end of it before the clip, its start after),
+    mixed over the clip's edge or placed next to it, at the neighbour's own level. At least half
+    the clip always stays."""
+    most = int(seconds * SAMPLE_RATE)
+    if most <= 0:
+        return audio
+    out = audio
+    for side in ("start", "end"):
+        choice = rng.random()
+        if choice < 1 / 3:  # trimmed: the turn starts late / ends early
+            cut = min(rng.randint(0, most // 2), out.size // 4)
+            out = out[cut:] if side == "start" else out[: out.size - cut]
+        elif choice < 2 / 3 and neighbour.size:  # a piece of the neighbour's line
+            size = min(rng.randint(1, most), neighbour.size)
+            piece = neighbour[-size:] if side == "start" else neighbour[:size]
+            overlap = rng.randint(0, min(size, out.size // 4))  # 0: next to it; else over the edge
+            mixed = out.copy()
+            if side == "start":
+                mixed[:overlap] += piece[size - overlap:]
+                out = np.concatenate([piece[: size - overlap], mixed])
+            else:
+                mixed[mixed.size - overlap:] += piece[:overlap]
+                out = np.concatenate([mixed, piece[overlap:]])
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
 class SalmonnCollator:
     """Items → processor batch with labels; ``prompts: varied`` draws instructions from a seeded stream
-    (evaluation: ``rng`` None, the first phrasing, the same every time)."""
+    (evaluation: ``rng`` None, the first phrasing, the same every time). With ``edge_augment`` > 0 and
+    a seed (training), each ASR clip's edges are cut as a diarized turn's may be, the batch's other
+    clips serving as neighbours."""
 
     def __init__(
-        self, processor: AudioLlmProcessor, prompts: str, seed: int | None = None, *, ctc_alphabet: str = ""
+        self, processor: AudioLlmProcessor, prompts: str, seed: int | None = None, *, ctc_alphabet: str = "",
+        edge_augment: float = 0.0,
     ) -> None:
         self.processor = processor
         self.prompts = prompts
         self.rng = random.Random(seed) if seed is not None else None
         self.ctc_alphabet = ctc_alphabet  # non-empty: ASR items' transcripts spelled for a CTC head too
+        self.edge_augment = float(edge_augment)
+
+    def audio_of(self, items: Sequence[AudioItem]) -> list[np.ndarray]:
+        if self.rng is None or self.edge_augment <= 0 or len(items) < 2:
+            return [it.audio for it in items]
+        out = []
+        for i, it in enumerate(items):
+            if it.task != "asr":
+                out.append(it.audio)
+                continue
+            neighbour = items[(i + 1 + self.rng.randrange(len(items) - 1)) % len(items)].audio
+            out.append(diarized_edges(it.audio, neighbour, self.edge_augment, self.rng))
+        return out
 
     def __call__(self, items: Sequence[AudioItem]) -> dict[str, torch.Tensor]:
         batch = self.processor(
-            [it.audio for it in items],
+            self.audio_of(items),
             [instruction_for(it.task, self.prompts, self.rng) for it in items],
             [it.text for it in items],
         )

@@ -46,6 +46,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "tasks": ["asr", "audiocaption_v2"],  # items of other tasks are left out (and reported)
     "prompts": "salmonn",  # salmonn | varied
     "max_seconds": 30.0,  # longer clips are left out (and reported)
+    # training ASR clips cut as diarized turns may be: edges trimmed (≤ half of it) or given up to this
+    # many seconds of another clip, over the edge or next to it (data.diarized_edges); 0: clean clips
+    "edge_augment": 0.0,
     # --- optimisation (SALMONN: lr 3e-5, warm-up 3,000 steps, cosine; the tiny model wants more)
     "lr": 1e-3,
     "schedule": "cosine",  # constant | constant_with_warmup | linear | cosine

@@ -62,6 +62,8 @@ def _check(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"schedule {cfg['schedule']!r}: expected one of {', '.join(SCHEDULES)}")
     if cfg["prompts"] not in PROMPTS:
         raise ValueError(f"prompts {cfg['prompts']!r}: expected one of {', '.join(PROMPTS)}")
+    if float(cfg["edge_augment"]) < 0:
+        raise ValueError(f"edge_augment {cfg['edge_augment']!r}: seconds, 0 (off) or more")
 
 
 # ========================================================================================= the base
@@ -229,7 +231,8 @@ def run_stage(ctx: RunContext) -> None:
             args=args,
             train_dataset=AudioItems(train_items),
             data_collator=SalmonnCollator(
-                processor, str(cfg["prompts"]), seed=int(cfg["seed"]), ctc_alphabet=ctc_alphabet(model)
+                processor, str(cfg["prompts"]), seed=int(cfg["seed"]), ctc_alphabet=ctc_alphabet(model),
+                edge_augment=float(cfg["edge_augment"]),
             ),
         ),
         bridge,

@@ -248,7 +248,9 @@ CHARACTER_FIELDS = ("profile", "style", "age")
 
 
 def check_scene_params(params: dict[str, Any]) -> None:
-    """analyze_scene's params beyond their types: the characters' descriptions."""
+    """analyze_scene's params beyond their types: the line grouping, the characters' descriptions."""
+    if float(params.get("merge_gap_seconds", 0.0)) < 0:
+        raise invalid_argument("params.merge_gap_seconds", "seconds, 0 (every turn its own line) or more")
     if "characters" in params:
         parse_characters(params["characters"])
 
@@ -686,8 +688,29 @@ async def diarize_stage(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+MERGE_GAP_SECONDS = 1.0  # analyze_scene's default ``merge_gap_seconds``
+
+
+def speaker_lines(turns: list[dict[str, Any]], max_gap: float) -> list[list[dict[str, Any]]]:
+    """Exclusive turns grouped into lines: consecutive turns of one speaker less than ``max_gap``
+    seconds apart are one line (pyannote's ``Annotation.support(collar)``; 0: every turn its own line).
+
+    Why: diarization splits a line at its pauses ("Calm. … Of course. … Why didn't I think of that?"
+    comes back as three turns) and at a neighbour's short overlap; transcribed or scored alone, each
+    piece is a fragment of the line. A script reads, and is transcribed and scored, line by line."""
+    lines: list[list[dict[str, Any]]] = []
+    for turn in sorted(turns, key=lambda t: (t["start"], t["end"])):
+        last = lines[-1][-1] if lines else None
+        if last is not None and last["speaker"] == turn["speaker"] and turn["start"] - last["end"] < max_gap:
+            lines[-1].append(turn)
+        else:
+            lines.append([turn])
+    return lines
+
+
 async def identify_turns_stage(ctx: StageContext) -> dict[str, Any]:
-    """Identify every exclusive turn, then name each diarized speaker by the votes of its turns."""
+    """Identify every exclusive turn, name each diarized speaker by the votes of its turns, and write
+    the script: the turns grouped into lines (:func:`speaker_lines`, ``merge_gap_seconds``)."""
     min_seconds = float(ctx.params.get("min_segment_seconds", 0.5))
     turns = ctx.inputs["diarize"]["exclusive_turns"]
     usable = [t for t in turns if t["end"] - t["start"] >= min_seconds]
@@ -704,18 +727,28 @@ async def identify_turns_stage(ctx: StageContext) -> dict[str, Any]:
             tally[result.voice_id] = tally.get(result.voice_id, 0.0) + (turn["end"] - turn["start"])
     names = {label: max(tally, key=tally.get) for label, tally in votes.items()}
     script = []
-    for turn in turns:
-        voice, score = identified.get((turn["start"], turn["end"]), ("", 0.0))
+    for group in speaker_lines(turns, float(ctx.params.get("merge_gap_seconds", MERGE_GAP_SECONDS))):
+        # the line's own identification: that of its longest identified turn
+        known = [t for t in group if (t["start"], t["end"]) in identified]
+        longest = max(known, key=lambda t: t["end"] - t["start"], default=None)
+        voice, score = identified[(longest["start"], longest["end"])] if longest else ("", 0.0)
+        seconds = sum(t["end"] - t["start"] for t in group)
         script.append(
             {
-                **turn,
-                "voice_id": names.get(turn["speaker"], ""),
+                "start": group[0]["start"],
+                "end": group[-1]["end"],
+                "speaker": group[0]["speaker"],
+                "confidence": round(sum(t["confidence"] * (t["end"] - t["start"]) for t in group)
+                                    / max(seconds, 1e-9), 4),
+                "voice_id": names.get(group[0]["speaker"], ""),
                 "turn_voice_id": voice,
                 "score": round(score, 4),
+                "turns": len(group),
             }
         )
     await ctx.report(
-        1.0, f"named {len(names)} of {len(votes) or len({t['speaker'] for t in turns})} speakers"
+        1.0, f"named {len(names)} of {len(votes) or len({t['speaker'] for t in turns})} speakers; "
+        f"{len(turns)} turns → {len(script)} lines"
     )
     return {
         "speaker_names": names,
@@ -893,7 +926,8 @@ def _scene_result(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 ANALYZE_SCENE = PipelineSpec(
     name="analyze_scene",
     description="A scene end to end: decode → diarize (diarization service) → identify each speaker "
-    "against the enrolled voices (speaker service) → transcribe each line (audiollm) and score its acting "
+    "against the enrolled voices (speaker service), one speaker's turns less than merge_gap_seconds apart "
+    "(default 1 s) grouped into a line → transcribe each line (audiollm) and score its acting "
     "(evaluator, realism rubric) side by side → a labelled, scored script. Transcription and scoring are "
     "skipped, and say so, where the gateway has no endpoint for their service.",
     stages=(
@@ -945,6 +979,7 @@ ANALYZE_SCENE = PipelineSpec(
         "uri": str,
         "voice_ids": list,
         "min_segment_seconds": float,
+        "merge_gap_seconds": float,
         "max_transcript_tokens": int,
         "max_score_seconds": float,
         "dimensions": list,
