@@ -7,7 +7,8 @@ starts the stack there (``dramaturg up``: every service its own process, the gat
 job store), enrolls the cast, then measures, on the demo's generated scenes:
 
 * **direct**: the same service calls ``analyze_scene`` makes, made by a client — Diarize on the scene,
-  Identify on its exclusive turns, then per line (at least ``min_segment_seconds``) Generate and
+  Identify on its exclusive turns, then per line (the turns grouped as the job groups them, at least
+  ``min_segment_seconds``) Generate and
   Evaluate on the line's audio (longer lines scored in 5-s pieces), transcripts and scores side by
   side with four requests of each in flight — wall time per scene, ``--repeat`` times;
 * **one job**: the same scene as one ``analyze_scene`` job (submit → WatchJob to the end), as often;
@@ -58,7 +59,7 @@ def direct_scene(targets: dict[str, str], content: bytes, context: Any) -> float
     from dramaturg.common.v1 import common_pb2
     from dramaturg.diarization.v1 import diarization_pb2, diarization_pb2_grpc
     from dramaturg.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-    from dramaturg.services.gateway.pipelines import split_line
+    from dramaturg.services.gateway.pipelines import MERGE_GAP_SECONDS, speaker_lines, split_line
     from dramaturg.speaker.v1 import speaker_pb2, speaker_pb2_grpc
 
     channels = {name: grpc.insecure_channel(target) for name, target in targets.items()}
@@ -72,6 +73,11 @@ def direct_scene(targets: dict[str, str], content: bytes, context: Any) -> float
         speaker_pb2_grpc.SpeakerStub(channels["speaker"]).Identify(speaker_pb2.IdentifyRequest(
             audio=audio, top_k=1, segments=[common_pb2.TimeSpan(start=a, end=b) for a, b in turns]),
             timeout=600)
+        # the script's lines, as the job groups the turns (merge_gap_seconds' default)
+        grouped = speaker_lines([{"start": t.span.start, "end": t.span.end, "speaker": t.speaker}
+                                 for t in diarized.exclusive_turns], MERGE_GAP_SECONDS)
+        lines = [(g[0]["start"], g[-1]["end"]) for g in grouped
+                 if g[-1]["end"] - g[0]["start"] >= MIN_SEGMENT_SECONDS]
         samples, _ = sf.read(io.BytesIO(content), dtype="int16")
         generate = audiollm_pb2_grpc.AudioLLMStub(channels["audiollm"]).Generate
         evaluate = evaluator_pb2_grpc.EvaluatorStub(channels["evaluator"]).Evaluate
@@ -91,9 +97,9 @@ def direct_scene(targets: dict[str, str], content: bytes, context: Any) -> float
 
         # as the job does: transcripts and scores side by side, four requests of each in flight, lines
         # longer than the evaluator's 5-s window scored in equal pieces
-        pieces = [p for a, b in turns for p in split_line(a, b, 5.0)]
+        pieces = [p for a, b in lines for p in split_line(a, b, 5.0)]
         with ThreadPoolExecutor(LINE_CONCURRENCY) as words, ThreadPoolExecutor(LINE_CONCURRENCY) as scores:
-            done = [words.submit(transcribe, t) for t in turns] + [scores.submit(score, p) for p in pieces]
+            done = [words.submit(transcribe, t) for t in lines] + [scores.submit(score, p) for p in pieces]
             for future in done:
                 future.result()
         return time.perf_counter() - began
