@@ -28,14 +28,26 @@ losses (a discriminator is a second model with its own optimiser), and quantiser
 
 The loss is auraloss' multi-resolution STFT loss (spectral convergence + log magnitude over several
 FFT sizes) plus ``codec_commitment_weight`` × commitment plus ``codec_l1_weight`` × waveform L1, on
-random crops of whole frames. It runs under ``transformers.Trainer`` with the shared bridge like the
-LM recipes (the training module is a plain ``nn.Module`` returning ``{"loss": ...}``; the EMA
-updates happen inside its forward, under ``no_grad``, and travel in the Trainer's checkpoint as
-buffers), so progress, metrics, cancel, checkpoints and resume are the same. Every ``codec_eval_every``
-steps the codec encodes and decodes the held-out clips through its own inference path
-(``encode`` → codes → ``decode``): ``codec/val_stft`` is their STFT loss, with the waveform L1, SNR and
-the share of codes in use; the checkpoint with the lowest ``codec/val_stft`` is published (``architecture:
-mimi``; ``MimiModel.from_pretrained`` reads it), for the LM recipes' ``codec:`` key.
+random crops of whole frames.
+
+**Two settings that decide whether the codec hears anything** (measured 2026-12-06 on the learning
+check's corpus; ``codec/val_level_corr`` below is the check): with auraloss' default log floor (``eps``
+1e-8 on the power) the band above 8 kHz — empty in 16-kHz speech resampled to the codec's 24 kHz —
+dominates the log-magnitude term, and even an autoencoder without a quantiser settles on one stationary
+sound for every input (held-out level-contour correlation ≈ 0 after 1,600 steps); ``codec_stft_eps``
+1e-3 fixes that (0.82 after 400). With the quantiser, any commitment weight tried (1, 0.1, 0.01)
+collapsed it again, and so did a learning rate of 1e-3 or an untamed random decoder: the defaults are no
+commitment (the EMA codebooks follow the latents anyway), ``codec_lr`` 3e-3 and the decoder's last
+convolution scaled down as :func:`~.model.build_tiny_tts_model` does.
+
+It runs under ``transformers.Trainer`` with the shared bridge like the LM recipes (the training module
+is a plain ``nn.Module`` returning ``{"loss": ...}``; the EMA updates happen inside its forward, under
+``no_grad``, and travel in the Trainer's checkpoint as buffers), so progress, metrics, cancel,
+checkpoints and resume are the same. Every ``codec_eval_every`` steps the codec encodes and decodes the
+held-out clips through its own inference path (``encode`` → codes → ``decode``): ``codec/val_stft`` is
+their STFT loss, with the waveform L1, SNR, the share of codes in use and ``codec/val_level_corr``
+(:func:`level_envelope_correlation`); the checkpoint with the lowest ``codec/val_stft`` is published
+(``architecture: mimi``; ``MimiModel.from_pretrained`` reads it), for the LM recipes' ``codec:`` key.
 """
 
 from __future__ import annotations
@@ -209,7 +221,8 @@ class CodecTrainingModule(nn.Module):
         self.quantiser = QuantiserTrainer(float(cfg["codec_ema_decay"]), float(cfg["codec_dead_code_ratio"]))
         ffts = [int(n) for n in cfg["codec_fft_sizes"]]
         self.stft = MultiResolutionSTFTLoss(
-            fft_sizes=ffts, hop_sizes=[n // 4 for n in ffts], win_lengths=ffts
+            fft_sizes=ffts, hop_sizes=[n // 4 for n in ffts], win_lengths=ffts,
+            eps=float(cfg.get("codec_stft_eps", 1e-8)),
         )
         self.commitment_weight = float(cfg["codec_commitment_weight"])
         self.l1_weight = float(cfg["codec_l1_weight"])
@@ -303,7 +316,7 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
     clear_codebook_caches(codec)
     hop = round(codec.config.sampling_rate / codec.config.frame_rate)
     device = next(codec.parameters()).device
-    stfts, l1s, snrs = [], [], []
+    stfts, l1s, snrs, follows = [], [], [], []
     used: list[set[int]] = []
     for clip in clips:
         n = len(clip)
@@ -316,6 +329,8 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
         l1s.append(float((audio - target).abs().mean()))
         noise = float((audio - target).pow(2).sum())
         snrs.append(10 * math.log10(float(target.pow(2).sum()) / max(noise, 1e-12)))
+        rate = int(codec.config.sampling_rate)
+        follows.append(level_envelope_correlation(audio[0, 0].cpu().numpy(), clip, rate=rate))
         for level in range(codes.shape[1]):
             if len(used) <= level:
                 used.append(set())
@@ -328,7 +343,33 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
         "codec/val_l1": float(np.mean(l1s)),
         "codec/val_snr_db": float(np.mean(snrs)),
         "codec/val_codes_used": float(np.mean([len(u) / size for u in used])),
+        "codec/val_level_corr": float(np.nanmean(follows)) if not np.all(np.isnan(follows)) else math.nan,
     }
+
+
+def level_envelope_correlation(
+    audio: np.ndarray, reference: np.ndarray, *, rate: int, frame_s: float = 0.02
+) -> float:
+    """Pearson correlation of the two clips' level contours (dB per 20-ms frame, floored at -80 dB).
+
+    A health figure independent of the loss: a codec that answers one stationary sound whatever it
+    hears (what the tiny codec did with auraloss' default log floor, or with a commitment loss) can
+    still lower the STFT loss by matching the average spectrum, but its level contour does not follow
+    the speech (≈ 0); a codec that carries the syllables follows it (≈ 0.8 and up). NaN when either
+    contour is flat."""
+    size = max(1, int(frame_s * rate))
+    n = min(len(audio), len(reference)) // size * size
+    if n < 2 * size:
+        return math.nan
+
+    def contour(x: np.ndarray) -> np.ndarray:
+        frames = np.asarray(x[:n], dtype=np.float64).reshape(-1, size)
+        return 10 * np.log10(np.maximum((frames**2).mean(axis=1), 1e-8))
+
+    a, b = contour(audio), contour(reference)
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 # ====================================================================================== the recipe
@@ -338,12 +379,14 @@ def build_codec(cfg: Mapping[str, Any], base: Path | None = None) -> Any:
     """A codec to train: a published one to continue (``base``), else a new tiny Mimi from ``codec_model``."""
     from transformers import MimiModel
 
-    from .model import tiny_mimi_config
+    from .model import _tame_output_level, tiny_mimi_config
 
     if base is not None:
         return MimiModel.from_pretrained(str(base))
     torch.manual_seed(int(cfg["seed"]))
-    return MimiModel(tiny_mimi_config(**dict(cfg["codec_model"])))
+    codec = MimiModel(tiny_mimi_config(**dict(cfg["codec_model"])))
+    _tame_output_level(codec)  # as build_tiny_tts_model's codec: a random one's output is ~20x too loud
+    return codec
 
 
 def save_codec(codec: Any, folder: Path) -> None:

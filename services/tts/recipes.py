@@ -78,13 +78,19 @@ CODEC_DEFAULTS: dict[str, Any] = {
     "codec_max_steps": 300,
     "codec_batch_size": 8,
     "codec_crop_frames": 10,  # crop length in codec frames (12.5 a second: 10 = 0.8 s)
-    "codec_lr": 1e-3,
+    "codec_lr": 3e-3,  # 1e-3 left the tiny codec answering one stationary sound for every input
     "codec_schedule": "cosine",
     "codec_eval_every": 100,
     "codec_eval_clips": 16,  # held-out clips encoded and decoded at each evaluation
-    "codec_commitment_weight": 1.0,
+    # commitment pulls the encoder's latents onto the codes; with the EMA codebooks following the latents
+    # anyway, any weight tried here (1, 0.1, 0.01) let the tiny codec collapse to one stationary sound
+    # (codec_train's docstring: measured), so it is off by default
+    "codec_commitment_weight": 0.0,
     "codec_l1_weight": 0.1,
     "codec_fft_sizes": [1024, 512, 256, 128],  # multi-resolution STFT loss (hop = fft / 4)
+    # floor of the STFT power in the log-magnitude term (auraloss' eps, 1e-8 by default). At 1e-8 the empty
+    # band of 16-kHz audio resampled to the codec's 24 kHz (above 8 kHz) outweighs the speech
+    "codec_stft_eps": 1e-3,
     "codec_ema_decay": 0.99,
     "codec_dead_code_ratio": 0.1,  # a code used less than this × the mean is moved onto a fresh latent
     "codec_kmeans_iters": 20,  # 0: keep the codebooks the codec starts with
