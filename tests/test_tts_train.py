@@ -651,10 +651,13 @@ def test_cpu_quick_learns(tmp_path_factory: pytest.TempPathFactory) -> None:
              "level-contour correlation %.3f", judged["clips"], judged["wer_original"],
              judged["wer_resynthesised"], judged["level_corr"])
     follows = metric_series(run_dir, "codec/val_level_corr")
-    assert follows[max(follows)] > 0.5, follows  # the codec's output follows the speech it encoded
+    # the codec's output follows the speech it encoded (a codec answering one stationary sound: ≈ 0)
+    assert follows[max(follows)] > 0.8 and follows[max(follows)] > follows[min(follows)] + 0.5, follows
+    # the issue's codec judge: the recogniser's WER through the codec within 15 points of the originals'
+    assert judged["wer_resynthesised"] <= judged["wer_original"] + 0.15, judged
     steps = sorted(codec)
-    assert codec[steps[-1]] < 0.1 * codec[steps[0]]  # the untrained codec's level and noise are gone
-    assert codec[steps[-1]] < 0.7 * codec[steps[1]]  # and the reconstruction keeps improving after that
+    assert codec[steps[-1]] < 0.5 * codec[steps[0]]  # the untrained codec's level and noise are gone
+    assert codec[steps[-1]] < codec[steps[1]]  # and the reconstruction keeps improving after that
     assert math.isfinite(published.metrics["loss/val"])
     assert published.metrics["loss/val"] < 0.7 * lm[min(lm)]  # on lines the model never trained on
     shutil.rmtree(run_dir / "data", ignore_errors=True)
