@@ -671,8 +671,9 @@ def codec_keeps_the_words(
     against the .lab text after Whisper's English normaliser — side by side, never alone."""
     import jiwer
     from dramaturg.services.tts.codec_train import level_envelope_correlation, load_clip
+    from dramaturg.shared.audio import Audio, resample
+    from recogniser import SAMPLE_RATE as RECOGNISER_RATE
     from recogniser import transcribe
-    from scipy.signal import resample_poly
     from transformers import MimiModel
     from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -690,8 +691,9 @@ def codec_keeps_the_words(
             audio = codec.decode(codes).audio_values[0, 0, : len(clip)].numpy()
         follows.append(level_envelope_correlation(audio, clip, rate=rate))
         refs.append(normalise(lab.read_text().strip()))
-        original.append(normalise(transcribe(resample_poly(clip, 2, 3).astype(np.float32))))
-        resynthesised.append(normalise(transcribe(resample_poly(audio, 2, 3).astype(np.float32))))
+        original.append(normalise(transcribe(load_clip(lab.with_suffix(".wav"), RECOGNISER_RATE))))
+        heard = resample(Audio(audio, rate), RECOGNISER_RATE).samples.astype(np.float32)
+        resynthesised.append(normalise(transcribe(heard)))
     return {
         "clips": len(chosen),
         "wer_original": jiwer.wer(refs, original),

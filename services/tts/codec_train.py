@@ -222,7 +222,7 @@ class CodecTrainingModule(nn.Module):
         ffts = [int(n) for n in cfg["codec_fft_sizes"]]
         self.stft = MultiResolutionSTFTLoss(
             fft_sizes=ffts, hop_sizes=[n // 4 for n in ffts], win_lengths=ffts,
-            eps=float(cfg.get("codec_stft_eps", 1e-8)),
+            eps=float(cfg["codec_stft_eps"]),
         )
         self.commitment_weight = float(cfg["codec_commitment_weight"])
         self.l1_weight = float(cfg["codec_l1_weight"])
@@ -316,6 +316,7 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
     clear_codebook_caches(codec)
     hop = round(codec.config.sampling_rate / codec.config.frame_rate)
     device = next(codec.parameters()).device
+    rate = int(codec.config.sampling_rate)
     stfts, l1s, snrs, follows = [], [], [], []
     used: list[set[int]] = []
     for clip in clips:
@@ -329,7 +330,6 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
         l1s.append(float((audio - target).abs().mean()))
         noise = float((audio - target).pow(2).sum())
         snrs.append(10 * math.log10(float(target.pow(2).sum()) / max(noise, 1e-12)))
-        rate = int(codec.config.sampling_rate)
         follows.append(level_envelope_correlation(audio[0, 0].cpu().numpy(), clip, rate=rate))
         for level in range(codes.shape[1]):
             if len(used) <= level:
@@ -379,13 +379,13 @@ def build_codec(cfg: Mapping[str, Any], base: Path | None = None) -> Any:
     """A codec to train: a published one to continue (``base``), else a new tiny Mimi from ``codec_model``."""
     from transformers import MimiModel
 
-    from .model import _tame_output_level, tiny_mimi_config
+    from .model import tame_output_level, tiny_mimi_config
 
     if base is not None:
         return MimiModel.from_pretrained(str(base))
     torch.manual_seed(int(cfg["seed"]))
     codec = MimiModel(tiny_mimi_config(**dict(cfg["codec_model"])))
-    _tame_output_level(codec)  # as build_tiny_tts_model's codec: a random one's output is ~20x too loud
+    tame_output_level(codec)  # as build_tiny_tts_model's codec: a random one's output is ~20x too loud
     return codec
 
 

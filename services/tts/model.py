@@ -239,7 +239,7 @@ def randomise_codebooks(
 
 
 @torch.no_grad()
-def _tame_output_level(codec: MimiModel, gain: float = OUTPUT_GAIN) -> None:
+def tame_output_level(codec: MimiModel, gain: float = OUTPUT_GAIN) -> None:
     """Scale the decoder's last convolution: a random codec otherwise peaks around ±8, past full scale."""
     last = codec.decoder.decoder_seanet.layers[-1].conv
     last.weight.mul_(gain)
@@ -263,7 +263,7 @@ def build_tiny_tts_model(
         model = CsmForConditionalGeneration(config)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         randomise_codebooks(model.codec_model, generator=generator)
-        _tame_output_level(model.codec_model)
+        tame_output_level(model.codec_model)
     model.eval()
     log.debug("tiny CSM: %d parameters", sum(p.numel() for p in model.parameters()))
     return model, processor
