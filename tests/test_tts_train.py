@@ -296,8 +296,10 @@ def test_level_envelope_correlation_tells_a_following_codec_from_a_stationary_on
     t = np.arange(2 * rate) / rate
     syllables = (np.sin(2 * np.pi * 4 * t) > 0).astype(np.float64)  # 4 bursts a second
     speech = syllables * rng.standard_normal(t.size) * 0.1
-    assert level_envelope_correlation(0.3 * speech + 0.001 * rng.standard_normal(t.size), speech,
-                                      rate=rate) > 0.9
+    assert (
+        level_envelope_correlation(0.3 * speech + 0.001 * rng.standard_normal(t.size), speech, rate=rate)
+        > 0.9
+    )
     steady = rng.standard_normal(t.size) * speech.std()
     assert abs(level_envelope_correlation(steady, speech, rate=rate)) < 0.2
     assert np.isnan(level_envelope_correlation(np.zeros_like(speech), speech, rate=rate))
@@ -602,11 +604,14 @@ def test_killed_run_resumes_from_its_checkpoint_and_publishes(
 LEARNING_PRESET = yaml.safe_load((PRESETS_DIR / "cpu-quick.yaml").read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-def test_cpu_quick_learns(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """cpu-quick end to end on its synthetic corpus: the codec's held-out reconstruction and the LM's
-    held-out loss both fall; figures logged (``-o log_cli=true --log-cli-level=INFO``)."""
+@pytest.fixture(scope="module")
+def learning_check(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """cpu-quick end to end on its synthetic corpus, then the issue's judges on what it published: the
+    codec judge (pocketsphinx on held-out clips through the codec) and the TTS judges (tests/tts_judges.py:
+    held-out sentences in four cast voices, pocketsphinx's WER and the speaker service's identification,
+    against espeak-ng's readings, the same readings through the codec and the untrained model)."""
+    from tts_judges import judge_tts, train_speaker_judge
+
     out = tmp_path_factory.mktemp("tts-learning")
     started = time.monotonic()
     synthesize_corpus(out, SynthConfig(**LEARNING_PRESET["synth"]))
@@ -623,44 +628,100 @@ def test_cpu_quick_learns(tmp_path_factory: pytest.TempPathFactory) -> None:
     train_s = time.monotonic() - started
     assert final.state == "SUCCEEDED", final.error
     run_dir = root / "runs" / SERVICE / run.run_id
-    codec = metric_series(run_dir, "codec/val_stft")
-    snr = metric_series(run_dir, "codec/val_snr_db")
-    lm = metric_series(run_dir, "loss/val")
+    shutil.rmtree(run_dir / "data", ignore_errors=True)
     published = store.resolve(SERVICE, LEARNING_PRESET["output_model"])
+    codec_record = store.resolve(SERVICE, f"{LEARNING_PRESET['output_model']}-codec")
+    fraction = float(LEARNING_PRESET["overrides"].get("heldout_fraction", 0.15))
+    started = time.monotonic()
+    codec_judged = codec_keeps_the_words(out / "tts", codec_record.path, fraction)
+    speaker_folder = train_speaker_judge(tmp_path_factory.mktemp("speaker-judge"))
+    tts_judged = judge_tts(out, published.path, speaker_folder, fraction)
+    judge_s = time.monotonic() - started
     log.info(
-        "learning check: corpus %.0f s, run %.0f s; codec held-out STFT %.3f → %.3f (SNR %.1f → %.1f dB); "
-        "LM held-out loss %.3f → %.3f (published %.3f at step %s); table in %s",
+        "learning check: corpus %.0f s, run %.0f s, judges %.0f s (speaker judge trained)",
         synth_s,
         train_s,
+        judge_s,
+    )
+    for row in read_heldout(run_dir):
+        log.info("  %s", row)
+    log.info(
+        "codec judge (pocketsphinx on %d held-out clips): WER originals %.3f, resynthesised %.3f; "
+        "level-contour correlation %.3f",
+        codec_judged["clips"],
+        codec_judged["wer_original"],
+        codec_judged["wer_resynthesised"],
+        codec_judged["level_corr"],
+    )
+    log.info("TTS judges (cast %s, %d held-out lines each):", tts_judged["cast"], tts_judged["lines"])
+    for name in ("espeak", "codec", "trained", "untrained"):
+        log.info("  %-9s %s", name, {k: round(v, 3) for k, v in tts_judged[name].items()})
+    return {
+        "run_dir": run_dir,
+        "published": published,
+        "codec": codec_judged,
+        "tts": tts_judged,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_cpu_quick_learns(learning_check: dict[str, Any]) -> None:
+    """The codec's held-out reconstruction and the LM's held-out loss fall; the codec keeps the words;
+    the trained TTS's lengths follow the text (figures: ``-o log_cli=true --log-cli-level=INFO``)."""
+    run_dir, published = learning_check["run_dir"], learning_check["published"]
+    codec = metric_series(run_dir, "codec/val_stft")
+    lm = metric_series(run_dir, "loss/val")
+    follows = metric_series(run_dir, "codec/val_level_corr")
+    log.info(
+        "codec held-out STFT %.3f → %.3f, level correlation %.3f → %.3f; LM held-out loss %.3f → %.3f "
+        "(published %.3f at step %s)",
         codec[min(codec)],
         codec[max(codec)],
-        snr[min(snr)],
-        snr[max(snr)],
+        follows[min(follows)],
+        follows[max(follows)],
         lm[min(lm)],
         lm[max(lm)],
         published.metrics["loss/val"],
         published.labels["step"],
-        run_dir / HELDOUT_CSV,
     )
-    for row in read_heldout(run_dir):
-        log.info("  %s", row)
-    codec_record = store.resolve(SERVICE, f"{LEARNING_PRESET['output_model']}-codec")
-    fraction = float(LEARNING_PRESET["overrides"].get("heldout_fraction", 0.15))
-    judged = codec_keeps_the_words(out / "tts", codec_record.path, fraction)
-    log.info("codec judge (pocketsphinx on %d held-out clips): WER originals %.3f, resynthesised %.3f; "
-             "level-contour correlation %.3f", judged["clips"], judged["wer_original"],
-             judged["wer_resynthesised"], judged["level_corr"])
-    follows = metric_series(run_dir, "codec/val_level_corr")
     # the codec's output follows the speech it encoded (a codec answering one stationary sound: ≈ 0)
     assert follows[max(follows)] > 0.8 and follows[max(follows)] > follows[min(follows)] + 0.5, follows
     # the issue's codec judge: the recogniser's WER through the codec within 15 points of the originals'
+    judged = learning_check["codec"]
     assert judged["wer_resynthesised"] <= judged["wer_original"] + 0.15, judged
     steps = sorted(codec)
     assert codec[steps[-1]] < 0.5 * codec[steps[0]]  # the untrained codec's level and noise are gone
     assert codec[steps[-1]] < codec[steps[1]]  # and the reconstruction keeps improving after that
     assert math.isfinite(published.metrics["loss/val"])
     assert published.metrics["loss/val"] < 0.7 * lm[min(lm)]  # on lines the model never trained on
-    shutil.rmtree(run_dir / "data", ignore_errors=True)
+    tts = learning_check["tts"]
+    # what the trained LM has learnt of the text: how long a line takes (the untrained one runs on)
+    assert (
+        tts["trained"]["length_corr"] > 0.5
+        and tts["trained"]["length_corr"] > tts["untrained"]["length_corr"]
+    )
+    assert abs(tts["trained"]["seconds"] - tts["espeak"]["seconds"]) < abs(
+        tts["untrained"]["seconds"] - tts["espeak"]["seconds"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met yet (README, The TTS service): the tiny codec loses the voice and the LM does not "
+    "learn the words in the CPU budget",
+)
+def test_cpu_quick_meets_the_tts_judges(learning_check: dict[str, Any]) -> None:
+    """The issue's TTS bars: the speaker model names the intended character among the cast for ≥ 75 % of
+    the lines, and pocketsphinx's WER on them is within 15 points of its WER on espeak-ng's readings —
+    both better than the untrained model. Strict xfail: it turns red the day they are met."""
+    tts = learning_check["tts"]
+    assert tts["trained"]["speaker_accuracy"] >= 0.75
+    assert tts["trained"]["speaker_accuracy"] > tts["untrained"]["speaker_accuracy"]
+    assert tts["trained"]["wer"] <= tts["espeak"]["wer"] + 0.15
+    assert tts["trained"]["wer"] < tts["untrained"]["wer"]
 
 
 def codec_keeps_the_words(
