@@ -305,6 +305,24 @@ def test_level_envelope_correlation_tells_a_following_codec_from_a_stationary_on
     assert np.isnan(level_envelope_correlation(np.zeros_like(speech), speech, rate=rate))
 
 
+def test_voiced_frames_tell_a_voiced_codec_from_a_whispering_one() -> None:
+    """The codec's voicing figure: a pitched copy is as voiced as the speech; noise under the same
+    envelope (what a codec trained on spectral losses alone can answer) has no voiced frames."""
+    from dramaturg.services.tts.codec_train import voiced_frames
+
+    rate = 24_000
+    rng = np.random.default_rng(0)
+    t = np.arange(2 * rate) / rate
+    syllables = (np.sin(2 * np.pi * 2 * t) > 0).astype(np.float64)
+    vowel = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 8))
+    speech = 0.1 * syllables * vowel
+    out, ref = voiced_frames(0.5 * speech, speech, rate=rate)
+    assert ref > 50 and out / ref > 0.9
+    whisper = syllables * rng.standard_normal(t.size) * speech.std()
+    out, ref = voiced_frames(whisper, speech, rate=rate)
+    assert out / ref < 0.1
+
+
 def test_codec_stage_learns_and_is_published(pipeline: RunContext) -> None:
     from transformers import MimiModel
 

@@ -318,6 +318,7 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
     device = next(codec.parameters()).device
     rate = int(codec.config.sampling_rate)
     stfts, l1s, snrs, follows = [], [], [], []
+    voiced = np.zeros(2)  # voiced frames of the output, of the input
     used: list[set[int]] = []
     for clip in clips:
         n = len(clip)
@@ -331,6 +332,7 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
         noise = float((audio - target).pow(2).sum())
         snrs.append(10 * math.log10(float(target.pow(2).sum()) / max(noise, 1e-12)))
         follows.append(level_envelope_correlation(audio[0, 0].cpu().numpy(), clip, rate=rate))
+        voiced += voiced_frames(audio[0, 0].cpu().numpy(), clip, rate=rate)
         for level in range(codes.shape[1]):
             if len(used) <= level:
                 used.append(set())
@@ -344,6 +346,7 @@ def evaluate_codec(codec: Any, clips: Sequence[np.ndarray], stft: Any) -> dict[s
         "codec/val_snr_db": float(np.mean(snrs)),
         "codec/val_codes_used": float(np.mean([len(u) / size for u in used])),
         "codec/val_level_corr": float(np.nanmean(follows)) if not np.all(np.isnan(follows)) else math.nan,
+        "codec/val_voicing": float(voiced[0] / voiced[1]) if voiced[1] else math.nan,
     }
 
 
@@ -370,6 +373,22 @@ def level_envelope_correlation(
     if a.std() == 0 or b.std() == 0:
         return math.nan
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def voiced_frames(audio: np.ndarray, reference: np.ndarray, *, rate: int) -> np.ndarray:
+    """Frames with a pitch (YIN, ``shared.data.prosody.f0_track``) in ``audio`` and in ``reference``.
+
+    Summed over clips, output / input is the codec's ``codec/val_voicing``: 1 when its speech is as
+    voiced as what it heard, 0 when it whispers. A codec trained on spectral losses alone can follow
+    the level and the spectral envelope (``level_envelope_correlation`` high) and still answer with
+    noise where the speech had a pitch — and then neither a recogniser nor a speaker model hears the
+    voice (the tiny codec's state, measured 2026-12-06: README)."""
+    from dramaturg.shared.data.prosody import f0_track
+
+    return np.array(
+        [np.isfinite(f0_track(np.asarray(x, dtype=np.float64), rate)[1]).sum() for x in (audio, reference)],
+        dtype=np.float64,
+    )
 
 
 # ====================================================================================== the recipe
