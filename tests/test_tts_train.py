@@ -686,7 +686,8 @@ def learning_check(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.timeout(3600)
 def test_cpu_quick_learns(learning_check: dict[str, Any]) -> None:
     """The codec's held-out reconstruction and the LM's held-out loss fall; the codec keeps the words;
-    the trained TTS's lengths follow the text (figures: ``-o log_cli=true --log-cli-level=INFO``)."""
+    the trained TTS ends its lines itself, near where espeak-ng's readings end (figures:
+    ``-o log_cli=true --log-cli-level=INFO``)."""
     run_dir, published = learning_check["run_dir"], learning_check["published"]
     codec = metric_series(run_dir, "codec/val_stft")
     lm = metric_series(run_dir, "loss/val")
@@ -714,14 +715,10 @@ def test_cpu_quick_learns(learning_check: dict[str, Any]) -> None:
     assert math.isfinite(published.metrics["loss/val"])
     assert published.metrics["loss/val"] < 0.7 * lm[min(lm)]  # on lines the model never trained on
     tts = learning_check["tts"]
-    # what the trained LM has learnt of the text: how long a line takes (the untrained one runs on)
-    assert (
-        tts["trained"]["length_corr"] > 0.5
-        and tts["trained"]["length_corr"] > tts["untrained"]["length_corr"]
-    )
-    assert abs(tts["trained"]["seconds"] - tts["espeak"]["seconds"]) < abs(
-        tts["untrained"]["seconds"] - tts["espeak"]["seconds"]
-    )
+    # what the trained LM has learnt of a line: where it ends (the untrained one runs to the allowance)
+    trained, untrained, espeak = tts["trained"], tts["untrained"], tts["espeak"]
+    assert trained["ended"] >= 0.9 and untrained["ended"] <= 0.5, (trained, untrained)
+    assert abs(trained["seconds"] - espeak["seconds"]) < abs(untrained["seconds"] - espeak["seconds"])
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ Both judges are models the TTS did not train (the issue's rule):
 ``judge_tts`` runs both on four rows, side by side: espeak-ng's readings (the reference), the same
 readings through the model's codec (the ceiling of any LM over that codec), the trained model, and the
 untrained model (the same config and codec, the LM re-initialised); with each row's mean length and
-the correlation of its lengths with the readings' (does the length follow the text?).
+the correlation of its lengths with the readings' and the share of lines it ended itself (before
+``FRAME_ALLOWANCE`` × the reading's length): does it know when the line is over?
 
 Run by hand on a finished learning check::
 
@@ -52,6 +53,7 @@ class Spoken:
     text: str
     audio: np.ndarray  # mono float32
     rate: int
+    cut: bool = False  # the model was still speaking when the allowance ran out
 
 
 def read_cast(
@@ -125,7 +127,8 @@ def speak(model: Any, processor: Any, speakers: dict[str, int], references: Sequ
         audio, rate = synthesize(
             model, processor, ref.text, speakers[ref.character], seed=i, max_new_frames=frames
         )
-        out.append(Spoken(ref.character, ref.text, audio, rate))
+        spoken_frames = len(audio) / rate * frame_rate
+        out.append(Spoken(ref.character, ref.text, audio, rate, cut=spoken_frames > frames - 0.5))
     return out
 
 
@@ -254,6 +257,7 @@ def judge_tts(
             "speaker_accuracy": identify.accuracy(spoken),
             "seconds": float(np.mean([len(s.audio) / s.rate for s in spoken])),
             "length_corr": length_correlation(spoken, espeak),
+            "ended": float(np.mean([not s.cut for s in spoken])),
         }
     return result
 
