@@ -38,11 +38,11 @@ import torch
 log = logging.getLogger(__name__)
 
 CAST_SIZE = 4
-LINES = 12  # held-out sentences, each spoken by every cast member
+LINES = 8  # held-out sentences, each spoken by every cast member
 ENROLL_CLIPS = 6  # corpus clips per character for the enrolment mean
 SPEAKER_RECIPES = "dramaturg.services.speaker.recipes:RECIPES"
 RECOGNISER_ACCENT = "en-us"  # espeak-ng voice of the cast: pocketsphinx's model is US English
-FRAME_ALLOWANCE = 2.0  # a synthesised line may run to twice the length of espeak-ng's reading
+FRAME_ALLOWANCE = 1.5  # a synthesised line may run to 1.5 × the length of espeak-ng's reading
 
 
 @dataclass(frozen=True)

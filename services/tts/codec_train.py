@@ -375,6 +375,9 @@ def level_envelope_correlation(
     return float(np.corrcoef(a, b)[0, 1])
 
 
+VOICING_RATE = 16_000
+
+
 def voiced_frames(audio: np.ndarray, reference: np.ndarray, *, rate: int) -> np.ndarray:
     """Frames with a pitch (YIN, ``shared.data.prosody.f0_track``) in ``audio`` and in ``reference``.
 
@@ -383,12 +386,14 @@ def voiced_frames(audio: np.ndarray, reference: np.ndarray, *, rate: int) -> np.
     the level and the spectral envelope (``level_envelope_correlation`` high) and still answer with
     noise where the speech had a pitch — and then neither a recogniser nor a speaker model hears the
     voice (the tiny codec's state, measured 2026-12-06: README)."""
+    from dramaturg.shared.audio import Audio, resample
     from dramaturg.shared.data.prosody import f0_track
 
-    return np.array(
-        [np.isfinite(f0_track(np.asarray(x, dtype=np.float64), rate)[1]).sum() for x in (audio, reference)],
-        dtype=np.float64,
-    )
+    def voiced(x: np.ndarray) -> int:  # at 16 kHz: a pitch needs no more, and YIN runs ~10x faster there
+        wave = resample(Audio(np.asarray(x, dtype=np.float32), rate), VOICING_RATE).samples
+        return int(np.isfinite(f0_track(np.asarray(wave, dtype=np.float64), VOICING_RATE)[1]).sum())
+
+    return np.array([voiced(audio), voiced(reference)], dtype=np.float64)
 
 
 # ====================================================================================== the recipe
