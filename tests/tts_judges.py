@@ -69,7 +69,8 @@ def read_cast(
         VoiceProfile(**{k: (tuple(v) if k == "traits" else v) for k, v in s.items() if k in names})
         for s in json.loads((corpus / "manifest.json").read_text())["speakers"]
     ]
-    known = [p for p in profiles if p.speaker_id in set(tts_speakers)]
+    trained_on = set(tts_speakers)
+    known = [p for p in profiles if p.speaker_id in trained_on]
     if len(known) < size:
         raise ValueError(f"the TTS knows {len(known)} corpus voices, the judge needs {size}")
     ranked = sorted(known, key=lambda p: (p.accent != accent, p.reverb, p.speaker_id))
