@@ -748,36 +748,35 @@ def codec_keeps_the_words(
     tree: Path, codec_folder: str | Path, fraction: float, limit: int = 40
 ) -> dict[str, Any]:
     """The issue's codec judge: held-out clips (lines training never heard) and the same clips through
-    the codec (encode → codes → decode), each transcribed by pocketsphinx (tests/recogniser.py), WER
-    against the .lab text after Whisper's English normaliser — side by side, never alone."""
-    import jiwer
+    the codec (encode → codes → decode), each transcribed by pocketsphinx (tts_judges.word_error_rate:
+    WER against the .lab text after Whisper's English normaliser) — side by side, never alone."""
     from dramaturg.services.tts.codec_train import level_envelope_correlation, load_clip
     from dramaturg.shared.audio import Audio, resample
     from recogniser import SAMPLE_RATE as RECOGNISER_RATE
-    from recogniser import transcribe
     from transformers import MimiModel
-    from whisper_normalizer.english import EnglishTextNormalizer
+    from tts_judges import Spoken, through_codec, word_error_rate
 
-    normalise = EnglishTextNormalizer()
     codec = MimiModel.from_pretrained(str(codec_folder)).eval()
-    rate = int(codec.config.sampling_rate)
     labs = sorted(tree.rglob("*.lab"))
     held = heldout_texts((lab.read_text() for lab in labs), fraction)
     chosen = [lab for lab in labs if normalise_text(lab.read_text()) in held][:limit]
-    refs, original, resynthesised, follows = [], [], [], []
-    for lab in chosen:
-        clip = load_clip(lab.with_suffix(".wav"), rate)
-        with torch.no_grad():
-            codes = codec.encode(torch.from_numpy(clip)[None, None]).audio_codes
-            audio = codec.decode(codes).audio_values[0, 0, : len(clip)].numpy()
-        follows.append(level_envelope_correlation(audio, clip, rate=rate))
-        refs.append(normalise(lab.read_text().strip()))
-        original.append(normalise(transcribe(load_clip(lab.with_suffix(".wav"), RECOGNISER_RATE))))
-        heard = resample(Audio(audio, rate), RECOGNISER_RATE).samples.astype(np.float32)
-        resynthesised.append(normalise(transcribe(heard)))
+    originals = [
+        Spoken(
+            lab.parent.name,
+            lab.read_text().strip(),
+            load_clip(lab.with_suffix(".wav"), RECOGNISER_RATE),
+            RECOGNISER_RATE,
+        )
+        for lab in chosen
+    ]
+    resynthesised = through_codec(codec, originals)
+    follows = [
+        level_envelope_correlation(r.audio, resample(Audio(o.audio, o.rate), r.rate).samples, rate=r.rate)
+        for o, r in zip(originals, resynthesised, strict=True)
+    ]
     return {
         "clips": len(chosen),
-        "wer_original": jiwer.wer(refs, original),
-        "wer_resynthesised": jiwer.wer(refs, resynthesised),
+        "wer_original": word_error_rate(originals),
+        "wer_resynthesised": word_error_rate(resynthesised),
         "level_corr": float(np.nanmean(follows)),
     }

@@ -46,7 +46,8 @@ is a plain ``nn.Module`` returning ``{"loss": ...}``; the EMA updates happen ins
 checkpoints and resume are the same. Every ``codec_eval_every`` steps the codec encodes and decodes the
 held-out clips through its own inference path (``encode`` → codes → ``decode``): ``codec/val_stft`` is
 their STFT loss, with the waveform L1, SNR, the share of codes in use and ``codec/val_level_corr``
-(:func:`level_envelope_correlation`); the checkpoint with the lowest ``codec/val_stft`` is published
+(:func:`level_envelope_correlation`) and ``codec/val_voicing`` (:func:`voiced_frames`); the checkpoint
+with the lowest ``codec/val_stft`` is published
 (``architecture: mimi``; ``MimiModel.from_pretrained`` reads it), for the LM recipes' ``codec:`` key.
 """
 
@@ -360,14 +361,15 @@ def level_envelope_correlation(
     still lower the STFT loss by matching the average spectrum, but its level contour does not follow
     the speech (≈ 0); a codec that carries the syllables follows it (≈ 0.8 and up). NaN when either
     contour is flat."""
+    from dramaturg.shared.data.prosody import frame_rms_db
+
     size = max(1, int(frame_s * rate))
     n = min(len(audio), len(reference)) // size * size
     if n < 2 * size:
         return math.nan
 
     def contour(x: np.ndarray) -> np.ndarray:
-        frames = np.asarray(x[:n], dtype=np.float64).reshape(-1, size)
-        return 10 * np.log10(np.maximum((frames**2).mean(axis=1), 1e-8))
+        return np.maximum(frame_rms_db(x[:n], rate, window_s=size / rate, hop_s=size / rate), -80.0)
 
     a, b = contour(audio), contour(reference)
     if a.std() == 0 or b.std() == 0:
